@@ -1,0 +1,196 @@
+"""The one Flax NNX decoder for Llama 3, Mistral, Qwen2, OLMo and SmolLM2 — families differ only by config flags.
+
+Layers are a plain list rather than a scanned stack: on CPU, XLA copies a dynamic slice of stacked weights every
+layer of every decode step, which costs more than the longer compile of an unrolled model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aloe_jax.models import rope
+from aloe_jax.models.config import ModelConfig
+
+_INIT = jax.nn.initializers.normal(stddev=0.02)
+
+
+class KVCache(NamedTuple):
+    """Static-size key/value cache, per layer `[batch, cache_len, kv_heads, head_dim]`. Which slots hold real tokens
+    is the caller's business: it says so in the attention mask (see masks.cached_mask)."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `cache_len` tokens, in the compute dtype."""
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)))
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: str, init=_INIT) -> nnx.Param:
+    # `logical_axes` is our own metadata: sharding.py maps it to mesh axes through configurable rules.
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(dtype)), logical_axes=axes)
+
+
+class Norm(nnx.Module):
+    """RMSNorm with a weight (Llama family) or LayerNorm without weight and bias (OLMo); statistics in fp32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind = cfg.norm_type
+        self.eps = cfg.norm_eps if cfg.norm_type == "rms" else 1e-5
+        if self.kind == "rms":
+            self.scale = _param(rngs, (cfg.hidden_size,), ("norm",), cfg.param_dtype, jax.nn.initializers.ones)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "rms":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v bias and OLMo's clip_qkv, reading/writing a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.cfg = cfg
+        self.q = _param(rngs, (d, h, hd), ("embed", "q_heads", "head_dim"), pd)
+        self.k = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, (h, hd, d), ("q_heads", "head_dim", "embed"), pd)
+        zeros = jax.nn.initializers.zeros
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), ("q_heads", "head_dim"), pd, zeros)
+            self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
+            self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (d,), ("norm",), pd, zeros)
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        dt = x.dtype
+        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+        if self.cfg.qkv_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+        if self.cfg.clip_qkv is not None:
+            y = jnp.clip(y, -self.cfg.clip_qkv, self.cfg.clip_qkv)
+        return y
+
+    def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None):
+        """x `[B, T, D]` → (`[B, T, D]`, updated (keys, values) or None)."""
+        inv_freq = rope.inverse_frequencies(self.cfg)
+        q = rope.apply_rope(self._project(x, "q"), positions, inv_freq)
+        k = rope.apply_rope(self._project(x, "k"), positions, inv_freq)
+        v = self._project(x, "v")
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            cache_kv = (k, v)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=attn_mask[:, None])
+        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
+        if self.cfg.o_bias:
+            y = y + self.o_bias[...].astype(x.dtype)
+        return y, cache_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.use_bias = cfg.mlp_bias
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        if cfg.mlp_bias:
+            zeros = jax.nn.initializers.zeros
+            self.gate_bias = _param(rngs, (f,), ("mlp",), pd, zeros)
+            self.up_bias = _param(rngs, (f,), ("mlp",), pd, zeros)
+            self.down_bias = _param(rngs, (d,), ("norm",), pd, zeros)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = x @ self.gate[...].astype(dt)
+        up = x @ self.up[...].astype(dt)
+        if self.use_bias:
+            gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
+        y = (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
+        return y + self.down_bias[...].astype(dt) if self.use_bias else y
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None):
+        attn_out, cache_kv = self.attn(self.attn_norm(x), positions, attn_mask, cache_kv, cache_index)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), cache_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run the model (not what it is): recompute block activations in the backward pass."""
+
+    remat: bool = False
+
+
+class Decoder(nnx.Module):
+    """Causal LM: token ids + positions + explicit attention mask (+ optional KV cache) → logits."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, options: RuntimeOptions = RuntimeOptions()):
+        self.cfg = cfg
+        self.options = options
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+
+    def hidden_states(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=None):
+        """Final normalised hidden states `[B, T, D]` and the updated cache.
+
+        tokens, positions: `[B, T]` int. attn_mask: `[B, T, S]` bool, S = T without a cache, else the cache length.
+        With a cache, the T new tokens are written at slots cache_index..cache_index+T-1 (same for every row).
+        """
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.layers):
+            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+            call = nnx.remat(Block.__call__) if self.options.remat else Block.__call__
+            x, kv = call(block, x, positions, attn_mask, kv, cache_index)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        if cache is not None:
+            cache = KVCache(tuple(new_keys), tuple(new_values))
+        return self.final_norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[B, T, vocab]` float32 logits from final hidden states."""
+        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=None):
+        """(`[B, T, vocab]` float32 logits, updated cache or None)."""
+        hidden, cache = self.hidden_states(tokens, positions, attn_mask, cache, cache_index)
+        return self.logits(hidden), cache
