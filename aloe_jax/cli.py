@@ -1,0 +1,68 @@
+"""`aloe-jax <command>`: the user-facing entry point. User mistakes print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from aloe_jax.errors import AloeError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="HF folder (local or gs://) or 'smollm2' (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute and parameter dtype (default float32)")
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from aloe_jax.models.loader import load_model
+    from aloe_jax.sampling.chat import ChatEngine
+    from aloe_jax.sampling.sampler import SamplingParams
+
+    if args.max_new_tokens <= 0:
+        raise AloeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    model, tokenizer = load_model(args.model, param_dtype=args.dtype, dtype=args.dtype)
+    engine = ChatEngine(model, tokenizer)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.message})
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(engine.reply([messages], params)[0].text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `aloe-jax` command."""
+    parser = argparse.ArgumentParser(prog="aloe-jax", description=__doc__.split(":")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="reply to one message (greedy by default)")
+    chat.add_argument("message", help="the user's message")
+    _add_model_args(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--system", default=None, help="optional system prompt")
+    chat.set_defaults(run=_cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except AloeError as err:
+        print(f"aloe-jax {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"aloe-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
