@@ -72,3 +72,27 @@ def gcs_emulator():
         else:
             os.environ[k] = v
     storage._client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded SmolLM2 tokenizer (with our chat template)."""
+    from aloe_jax.models import gguf
+
+    return gguf.read_gguf(gguf.smollm2_gguf_path())[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_engine(smollm2_tokenizer):
+    """A ChatEngine on a tiny random Llama sized to the SmolLM2 vocabulary: real chat templates and stop tokens, fast
+    decoding, deterministic (nonsense) replies."""
+    from flax import nnx
+
+    from aloe_jax.models.config import config_from_hf
+    from aloe_jax.models.decoder import Decoder
+    from aloe_jax.sampling.chat import ChatEngine
+
+    cfg = config_from_hf(dict(model_type="llama", vocab_size=len(smollm2_tokenizer), hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=True))
+    return ChatEngine(Decoder(cfg, nnx.Rngs(0)), smollm2_tokenizer)
