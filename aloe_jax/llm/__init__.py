@@ -1,0 +1,1 @@
+"""LLM roles (user simulator, extractor, responders, judges, persona generator) on any ChatBackend."""

@@ -1,0 +1,94 @@
+"""A Role is one named LLM job (user simulator, judge, ...) on a backend, with the call cache and usage meter in
+front of it. Backends are built from config and shared, so several roles on one local model load it once."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Literal, Sequence
+
+import numpy as np
+
+from aloe_jax.config import StrictModel
+from aloe_jax.llm.base import ChatBackend, ChatResult, Conversation, GenerationParams
+from aloe_jax.llm.cache import CallCache, cache_key
+from aloe_jax.llm.usage import UsageMeter
+
+
+class BackendConfig(StrictModel):
+    """Which backend runs a role: `jax` (in-process model: `model` is a path or preset) or `openai` (any
+    OpenAI-compatible endpoint: `model` is the served model name)."""
+
+    kind: Literal["jax", "openai"] = "jax"
+    model: str = "smollm2-135m"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_from_json(config_json: str) -> ChatBackend:
+    cfg = BackendConfig.model_validate_json(config_json)
+    if cfg.kind == "openai":
+        from aloe_jax.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
+                             max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
+    from aloe_jax.llm.jax_backend import JaxBackend
+
+    return JaxBackend(cfg.model, dtype=cfg.dtype)
+
+
+def make_backend(cfg: BackendConfig) -> ChatBackend:
+    """The backend for a config; equal configs share one instance (one loaded model)."""
+    return _backend_from_json(json.dumps(cfg.model_dump(), sort_keys=True))
+
+
+class Role:
+    """A named LLM role: cached, metered calls to a backend."""
+
+    def __init__(self, name: str, backend: ChatBackend, cache: CallCache | None = None,
+                 meter: UsageMeter | None = None):
+        self.name, self.backend, self.cache, self.meter = name, backend, cache, meter
+
+    def _key(self, kind: str, conversation: Conversation, extra) -> str:
+        return cache_key(kind, self.backend.name, conversation, extra)
+
+    def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[ChatResult]:
+        """One reply per conversation; cached replies are reused, the rest go to the backend as one batch."""
+        keys = [self._key("chat", c, params.model_dump()) for c in conversations]
+        results: list[ChatResult | None] = [None] * len(conversations)
+        if self.cache is not None:
+            for i, key in enumerate(keys):
+                hit = self.cache.get(key)
+                if hit is not None:
+                    results[i] = ChatResult(**{**hit, "cached": True})
+        todo = [i for i, r in enumerate(results) if r is None]
+        if todo:
+            fresh = self.backend.chat([conversations[i] for i in todo], params)
+            for i, result in zip(todo, fresh):
+                results[i] = result
+                if self.cache is not None:
+                    self.cache.put(keys[i], {k: v for k, v in vars(result).items() if k != "cached"})
+        if self.meter is not None:
+            for r in results:
+                self.meter.record(self.name, self.backend.name, r.prompt_tokens, r.completion_tokens, r.cached)
+        return results
+
+    def score_options(self, conversations: Sequence[Conversation], options: Sequence[str]) -> np.ndarray | None:
+        """`[n, n_options]` option log-probabilities (cached), or None when the backend cannot score."""
+        keys = [self._key("score", c, list(options)) for c in conversations]
+        cached = [self.cache.get(k) for k in keys] if self.cache is not None else [None] * len(keys)
+        todo = [i for i, c in enumerate(cached) if c is None]
+        if todo:
+            fresh = self.backend.score_options([conversations[i] for i in todo], options)
+            if fresh is None:
+                return None
+            for i, row in zip(todo, fresh):
+                cached[i] = [float(x) for x in row]
+                if self.cache is not None:
+                    self.cache.put(keys[i], cached[i])
+        return np.asarray(cached, dtype=np.float64)

@@ -1,0 +1,68 @@
+"""Conversations in, replies out: the family's chat template, the batched sampler, and decoding of the generated ids.
+
+A reply is the decoded *generated token ids* — never text split on a template marker, which breaks as soon as the
+template changes (the original ALOE split on a Llama-3-only header).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from jax.sharding import Mesh
+
+from aloe_jax.models.decoder import Decoder
+from aloe_jax.sampling.sampler import Sampler, SamplingParams
+from aloe_jax.sampling.scoring import score_options
+from aloe_jax.tokenizer import encode_chat, stop_token_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatReply:
+    """One assistant reply and what it cost."""
+
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: tuple[int, ...]
+
+
+class ChatEngine:
+    """Replies to, and scores options for, batches of HF-format conversations with one in-process model."""
+
+    def __init__(self, model: Decoder, tokenizer, mesh: Mesh | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.sampler = Sampler(model, pad_id=self.pad_id, stop_ids=stop_token_ids(tokenizer), mesh=mesh)
+
+    def prompt_ids(self, conversation: Sequence[dict]) -> list[int]:
+        """Token ids of a conversation followed by the assistant's generation prompt."""
+        return encode_chat(self.tokenizer, list(conversation), add_generation_prompt=True)[0]
+
+    def reply(self, conversations: Sequence[Sequence[dict]], params: SamplingParams = SamplingParams(),
+              max_new_tokens: list[int] | None = None) -> list[ChatReply]:
+        """One reply per conversation, all decoded as one batch."""
+        prompts = [self.prompt_ids(c) for c in conversations]
+        generations = self.sampler.generate(prompts, params, max_new_tokens)
+        return [
+            ChatReply(
+                text=self.tokenizer.decode(g.tokens, skip_special_tokens=True).strip(),
+                finish_reason=g.finish_reason,
+                prompt_tokens=g.prompt_tokens,
+                completion_tokens=g.completion_tokens,
+                token_ids=tuple(g.tokens),
+            )
+            for g in generations
+        ]
+
+    def option_ids(self, option: str) -> list[int]:
+        """Token ids of an option as the start of an assistant reply."""
+        return self.tokenizer.encode(option, add_special_tokens=False)
+
+    def score_options(self, conversations: Sequence[Sequence[dict]], options: Sequence[str]) -> np.ndarray:
+        """`[n_conversations, n_options]` log-probability of each option as the beginning of the assistant reply."""
+        prompts = [self.prompt_ids(c) for c in conversations]
+        return score_options(self.model, prompts, [self.option_ids(o) for o in options], pad_id=self.pad_id)

@@ -1,0 +1,139 @@
+"""Role backends: OpenAIBackend retries against a real (failing on purpose) loopback server, the on-disk call cache
+makes reruns free, usage is counted per role, JaxBackend scores options like a plain forward pass."""
+
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from aloe_jax.llm.base import GenerationParams
+from aloe_jax.llm.cache import CallCache
+from aloe_jax.llm.jax_backend import JaxBackend
+from aloe_jax.llm.openai_backend import BackendError, OpenAIBackend
+from aloe_jax.llm.roles import Role
+from aloe_jax.llm.usage import Price, UsageMeter
+
+
+class FlakyServer:
+    """An OpenAI-compatible endpoint that fails the first `failures` requests with `status`, then answers."""
+
+    def __init__(self, failures: int, status: int = 500):
+        self.failures, self.status, self.requests = failures, status, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                if len(outer.requests) <= outer.failures:
+                    payload, code = {"error": {"message": "try later", "type": "server_error"}}, outer.status
+                else:
+                    text = "echo: " + body["messages"][-1]["content"]
+                    payload, code = {
+                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": text}}],
+                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                    }, 200
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("retry-after-ms", "10")  # keep the client's backoff short in tests
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky():
+    servers = []
+
+    def make(failures, status=500):
+        servers.append(FlakyServer(failures, status))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+CONV = [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_transient_errors_are_retried(flaky, status):
+    server = flaky(failures=2, status=status)
+    backend = OpenAIBackend("m", base_url=server.url, max_retries=3)
+    [result] = backend.chat([CONV], GenerationParams(max_tokens=5))
+    assert result.text == "echo: hello" and len(server.requests) == 3
+    assert (result.prompt_tokens, result.completion_tokens) == (7, 3)
+
+
+def test_persistent_failure_is_one_clear_error(flaky):
+    server = flaky(failures=100)
+    backend = OpenAIBackend("m", base_url=server.url, max_retries=1)
+    with pytest.raises(BackendError, match="HTTP 500"):
+        backend.chat([CONV], GenerationParams())
+    assert len(server.requests) == 2  # the first try and one retry
+
+
+def test_client_errors_are_not_retried(flaky):
+    server = flaky(failures=100, status=400)
+    with pytest.raises(BackendError, match="HTTP 400"):
+        OpenAIBackend("m", base_url=server.url, max_retries=3).chat([CONV], GenerationParams())
+    assert len(server.requests) == 1
+
+
+def test_request_carries_the_sampling_params(flaky):
+    server = flaky(failures=0)
+    OpenAIBackend("m", base_url=server.url).chat([CONV], GenerationParams(temperature=0.3, max_tokens=9, seed=4))
+    sent = server.requests[0]
+    assert (sent["temperature"], sent["max_tokens"], sent["seed"], sent["messages"]) == (0.3, 9, 4, CONV)
+
+
+def test_cache_makes_a_rerun_free_and_usage_counts_per_role(flaky, tmp_path):
+    server = flaky(failures=0)
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    params = GenerationParams(max_tokens=5)
+    meter = UsageMeter(prices={"openai:m@" + server.url: Price(input=1.0, output=2.0)})
+    role = Role("judge", OpenAIBackend("m", base_url=server.url), CallCache(str(tmp_path / "c.sqlite")), meter)
+    first = role.chat(convs, params)
+    assert len(server.requests) == 4 and not any(r.cached for r in first)
+    # A new process would open the same file: a fresh cache object sees every call and sends nothing.
+    rerun = Role("judge", OpenAIBackend("m", base_url=server.url), CallCache(str(tmp_path / "c.sqlite")), meter)
+    second = rerun.chat(convs, params)
+    assert len(server.requests) == 4
+    assert [r.text for r in second] == [r.text for r in first] and all(r.cached for r in second)
+    # Other params are another call.
+    rerun.chat(convs[:1], GenerationParams(max_tokens=6))
+    assert len(server.requests) == 5
+    usage = meter.by_role["judge"]
+    assert (usage.calls, usage.cache_hits, usage.prompt_tokens, usage.completion_tokens) == (9, 4, 35, 15)
+    assert meter.cost("judge") == pytest.approx((35 * 1.0 + 15 * 2.0) / 1e6)
+    assert "judge" in meter.table()
+
+
+def test_jax_backend_chat_and_scores(tiny_chat_engine, tmp_path):
+    backend = JaxBackend(engine=tiny_chat_engine, name="jax:tiny")
+    role = Role("user_simulator", backend, CallCache(str(tmp_path / "c.sqlite")), UsageMeter())
+    convs = [[{"role": "user", "content": "hi there"}], [{"role": "user", "content": "a longer question here?"}]]
+    replies = role.chat(convs, GenerationParams(max_tokens=6))
+    assert all(r.completion_tokens <= 6 for r in replies)
+    options = ["1", "2", "3", "4", "5"]
+    scores = role.score_options(convs, options)
+    assert scores.shape == (2, 5) and np.all(scores < 0)
+    np.testing.assert_allclose(role.score_options(convs, options), scores)  # second time from the cache
+    np.testing.assert_allclose(tiny_chat_engine.score_options(convs, options), scores, atol=1e-5)

@@ -1,0 +1,98 @@
+"""`aloe-jax serve`: the official `openai` client gets the engine's replies; bad requests get HTTP 400."""
+
+import concurrent.futures
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from aloe_jax.sampling.sampler import SamplingParams
+from aloe_jax.server import make_server
+
+MODEL = "tiny-test"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_engine):
+    srv = make_server(tiny_chat_engine, MODEL, host="127.0.0.1", port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _client(base_url):
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _conversation(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me about topic number {i}" + "!" * (i % 7)}]
+
+
+def test_replies_equal_the_engine(server, tiny_chat_engine):
+    messages = _conversation(3)
+    response = _client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    direct = tiny_chat_engine.reply([messages], SamplingParams(max_new_tokens=12))[0]
+    assert response.choices[0].message.content == direct.text
+    assert response.choices[0].finish_reason == direct.finish_reason
+    assert response.usage.prompt_tokens == direct.prompt_tokens
+    assert response.usage.completion_tokens == direct.completion_tokens
+
+
+def test_32_concurrent_requests_all_succeed_and_are_correct(server, tiny_chat_engine):
+    client = _client(server)
+    convs = [_conversation(i) for i in range(32)]
+
+    def ask(messages):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(ask, convs))
+    direct = tiny_chat_engine.reply(convs, SamplingParams(max_new_tokens=10))
+    assert [r.choices[0].message.content for r in responses] == [d.text for d in direct]
+
+
+def test_n_choices_and_models_listing(server):
+    client = _client(server)
+    response = client.chat.completions.create(model=MODEL, messages=_conversation(1), max_tokens=6, n=3,
+                                              temperature=1.0, seed=5)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def _post(base_url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), "not served"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}).encode(),
+     "max_tokens"),
+    (json.dumps({"model": MODEL, "messages": []}).encode(), "messages"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}).encode(), "messages[0]"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode(),
+     "temperature"),
+])
+def test_bad_requests_get_400_with_openai_error(server, body, fragment):
+    status, payload = _post(server, body)
+    assert status == 400
+    assert fragment in payload["error"]["message"]
+    assert payload["error"]["type"] == "invalid_request_error"
+
+
+def test_server_still_serves_after_bad_requests(server):
+    _post(server, b"garbage")
+    response = _client(server).chat.completions.create(model=MODEL, messages=_conversation(0), max_tokens=4,
+                                                       temperature=0)
+    assert response.choices[0].message.content is not None
