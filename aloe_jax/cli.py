@@ -33,6 +33,27 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     print(engine.reply([messages], params)[0].text)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from aloe_jax.models.loader import DEFAULT_MODEL, load_model
+    from aloe_jax.sampling.chat import ChatEngine
+    from aloe_jax.server import make_server
+
+    if not 0 <= args.port <= 65535:
+        raise AloeError(f"--port must be in 0..65535, got {args.port}")
+    model, tokenizer = load_model(args.model, param_dtype=args.dtype, dtype=args.dtype)
+    name = args.served_name or (args.model or DEFAULT_MODEL)
+    try:
+        server = make_server(ChatEngine(model, tokenizer), name, args.host, args.port, args.max_batch)
+    except OSError as err:
+        raise AloeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    host, port = server.server_address[:2]
+    print(f"serving {name!r} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `aloe-jax` command."""
     parser = argparse.ArgumentParser(prog="aloe-jax", description=__doc__.split(":")[0])
@@ -46,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--system", default=None, help="optional system prompt")
     chat.set_defaults(run=_cmd_chat)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-name", default=None, help="model id clients must send (default: --model)")
+    serve.add_argument("--max-batch", type=int, default=64, help="most conversations decoded together")
+    serve.set_defaults(run=_cmd_serve)
     return parser
 
 

@@ -96,3 +96,24 @@ def test_server_still_serves_after_bad_requests(server):
     response = _client(server).chat.completions.create(model=MODEL, messages=_conversation(0), max_tokens=4,
                                                        temperature=0)
     assert response.choices[0].message.content is not None
+
+
+def test_serve_command_answers_the_openai_client(tmp_path):
+    """`aloe-jax serve` as a user starts it (real SmolLM2, loopback, port picked by the OS)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "aloe_jax.cli", "serve", "--port", "0", "--served-name", "smol"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving 'smol' on http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        base_url = line.split(" on ")[1].split(" ")[0]
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        response = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16, temperature=0)
+        assert "Paris" in response.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

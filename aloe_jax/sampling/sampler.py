@@ -1,0 +1,272 @@
+"""Batched generation over a static-size KV cache: a left-padded prefill, then a `lax.while_loop` that decodes one
+token per row per step until every row has produced a stop token or used its token budget.
+
+The whole generation (prefill + loop) is one compiled program, so the loop never returns to Python and the cache
+lives in place inside XLA. Batch size, prompt length and token budget are rounded up to buckets and each bucket's
+program is compiled once per Sampler: a long run with varied prompts compiles a handful of programs, not one per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from aloe_jax.errors import ConfigError, DataError
+from aloe_jax.models import masks
+from aloe_jax.models.decoder import Decoder, KVCache, init_cache
+from aloe_jax.models.sharding import BATCH_AXES, batch_sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is picked: temperature 0 is greedy; otherwise the logits are divided by `temperature`,
+    then cut to the `top_k` most likely tokens (0: no cut), then to the nucleus of mass `top_p` (1: no cut)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"sampling temperature must be finite and ≥ 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"sampling top_k must be an integer ≥ 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        _check_budget(self.max_new_tokens, "sampling max_new_tokens")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"sampling seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One row's result. `tokens` excludes the stop token (it is `stop_token`); `completion_tokens` counts every
+    generated token including the stop token, so it never exceeds the row's max_new_tokens (as in HF generate)."""
+
+    tokens: list[int]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    stop_token: int | None = None
+
+
+class _Mode(NamedTuple):
+    """The static part of SamplingParams: what changes the compiled program (temperature and top_p values do not)."""
+
+    greedy: bool
+    top_k: int
+    nucleus: bool
+
+    @classmethod
+    def of(cls, params: SamplingParams, vocab_size: int) -> "_Mode":
+        if params.temperature == 0:
+            return cls(True, 0, False)
+        top_k = params.top_k if params.top_k < vocab_size else 0  # keeping the whole vocabulary is no cut
+        return cls(False, top_k, params.top_p < 1)
+
+
+def _check_budget(value, name: str) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The size that `n` is padded to: the smallest of `minimum`·2^k and 1.5·`minimum`·2^k that holds it.
+
+    Two sizes per octave keep the padding waste under 50% (prefill cost grows with it) while n up to 256·minimum
+    maps to only 17 sizes, hence few compiled programs.
+    """
+    size = max(minimum, 1)
+    while size < n:
+        if size % 2 == 0 and size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
+def _filter_logits(logits: jax.Array, top_p: jax.Array, mode: _Mode) -> jax.Array:
+    """`[batch, vocab]` logits with everything outside the top-k / nucleus set to -inf."""
+    if mode.top_k:
+        candidates = jax.lax.top_k(logits, mode.top_k)[0]  # [batch, k], descending
+    else:
+        candidates = -jnp.sort(-logits, axis=-1)  # [batch, vocab], descending
+    threshold = candidates[:, -1]
+    if mode.nucleus:
+        # Keep the most likely tokens up to and including the first that brings the mass to ≥ top_p; within the
+        # top-k candidates the softmax is already renormalised over them, as when top-p follows top-k in HF.
+        probs = jax.nn.softmax(candidates, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        last_kept = jnp.sum(keep, axis=-1) - 1  # [batch]
+        threshold = jnp.take_along_axis(candidates, last_kept[:, None], axis=-1)[:, 0]
+    return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
+
+
+def _next_tokens(logits, row_keys, step, temperature, top_p, mode: _Mode) -> jax.Array:
+    """`[batch]` int32 tokens picked from `[batch, vocab]` logits."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if mode.top_k or mode.nucleus:
+        logits = _filter_logits(logits, top_p, mode)
+    # One key per row and step: a row's draws do not depend on the batch bucket it was padded into.
+    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+class _Loop(NamedTuple):
+    """State of the decode loop."""
+
+    step: jax.Array  # scalar: index of `token` among the generated tokens
+    token: jax.Array  # [batch] the latest generated token (already recorded)
+    out: jax.Array  # [batch, steps] generated tokens; row b is valid up to count[b]
+    count: jax.Array  # [batch] tokens generated so far, stop token included
+    stopped: jax.Array  # [batch] bool: the row ended on a stop token
+    done: jax.Array  # [batch] bool: stopped or out of budget
+    cache: KVCache
+
+
+def _record(loop: _Loop, budgets: jax.Array, stop_ids: jax.Array) -> _Loop:
+    """`loop` with its `token` written to column `step` and the rows' counts and done flags updated."""
+    live = ~loop.done
+    # Every live row has generated exactly `step` tokens before this one, so column `step` is the right one; what
+    # lands in the columns of finished rows lies past their count and is never read.
+    out = jax.lax.dynamic_update_slice(loop.out, loop.token[:, None], (0, loop.step))
+    count = loop.count + live
+    is_stop = jnp.any(loop.token[:, None] == stop_ids[None, :], axis=-1)
+    stopped = loop.stopped | (live & is_stop)
+    done = loop.done | stopped | (count >= budgets)
+    return loop._replace(out=out, count=count, stopped=stopped, done=done)
+
+
+def _generate(graphdef, mode: _Mode, steps: int, cache_sharding, state, tokens, lengths, budgets, stop_ids,
+              temperature, top_p, seed):
+    """(`[batch, steps]` tokens, `[batch]` counts, `[batch]` stopped) for left-padded prompts `[batch, prompt_len]`."""
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = tokens.shape
+    prompt_valid = jnp.arange(prompt_len)[None, :] >= (prompt_len - lengths)[:, None]  # [batch, prompt_len]
+    # Generated tokens go to slots prompt_len, prompt_len+1, ... for every row; the causal part of cached_mask hides
+    # slots not written yet, so they can be marked valid from the start.
+    kv_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, steps), bool)], axis=1)  # [batch, cache_len]
+    cache = init_cache(model.cfg, batch, prompt_len + steps)
+    if cache_sharding is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    hidden, cache = model.hidden_states(tokens, masks.positions_from_valid(prompt_valid),
+                                        masks.cached_mask(kv_valid, 0, prompt_len), cache, 0)
+    logits = model.logits(hidden[:, -1:])[:, 0]  # [batch, vocab]: only the last position is ever needed
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(batch))
+    sample = functools.partial(_next_tokens, row_keys=row_keys, temperature=temperature, top_p=top_p, mode=mode)
+    first = _Loop(step=jnp.int32(0), token=sample(logits, step=0), out=jnp.zeros((batch, steps), jnp.int32),
+                  count=jnp.zeros((batch,), jnp.int32), stopped=jnp.zeros((batch,), bool), done=budgets <= 0,
+                  cache=cache)
+
+    def decode_one(loop: _Loop) -> _Loop:
+        slot = prompt_len + loop.step
+        hidden, cache = model.hidden_states(loop.token[:, None], (lengths + loop.step)[:, None],
+                                            masks.cached_mask(kv_valid, slot, 1), loop.cache, slot)
+        token = sample(model.logits(hidden)[:, 0], step=loop.step + 1)
+        return _record(loop._replace(step=loop.step + 1, token=token, cache=cache), budgets, stop_ids)
+
+    def running(loop: _Loop) -> jax.Array:
+        return ~jnp.all(loop.done) & (loop.step + 1 < steps)
+
+    last = jax.lax.while_loop(running, decode_one, _record(first, budgets, stop_ids))
+    return last.out, last.count, last.stopped
+
+
+class Sampler:
+    """Generates continuations of token-id prompts with a decoder, batched, on one device or a mesh."""
+
+    def __init__(self, model: Decoder, pad_id: int, stop_ids: Sequence[int] = (), mesh: Mesh | None = None):
+        self.model = model
+        self.pad_id = int(pad_id)
+        self.stop_ids = tuple(sorted({int(s) for s in stop_ids}))
+        self.mesh = mesh
+        # The graph is fixed; the parameters are read at every call so that training between calls is seen.
+        self._graphdef = nnx.graphdef(model)
+        self._programs: dict[tuple, Callable] = {}
+
+    @property
+    def num_compiled(self) -> int:
+        """How many generation programs (bucket shapes × sampling modes) have been compiled."""
+        return len(self._programs)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+                 max_new_tokens: list[int] | None = None) -> list[Generation]:
+        """One Generation per prompt; `max_new_tokens` (per row) overrides `params.max_new_tokens`."""
+        if not prompts:
+            return []
+        budgets = self._budgets(len(prompts), params, max_new_tokens)
+        lengths = self._check_prompts(prompts)
+        shards = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        batch = -(-bucket(len(prompts), 1) // shards) * shards
+        prompt_len, steps = bucket(max(lengths), 16), bucket(max(budgets), 16)
+        # Rows past the real prompts are dummies: one pad token and no budget, so they are done from the start.
+        tokens = np.full((batch, prompt_len), self.pad_id, np.int32)  # [batch, prompt_len], left-padded
+        for row, prompt in enumerate(prompts):
+            tokens[row, prompt_len - len(prompt):] = prompt
+        row_lengths = np.ones(batch, np.int32)
+        row_lengths[:len(prompts)] = lengths
+        row_budgets = np.zeros(batch, np.int32)
+        row_budgets[:len(prompts)] = budgets
+        args = (nnx.state(self.model), *self._place(tokens, row_lengths, row_budgets),
+                np.asarray(self.stop_ids, np.int32), np.float32(params.temperature), np.float32(params.top_p),
+                np.uint32(params.seed))
+        program = self._program(_Mode.of(params, self.model.cfg.vocab_size), steps, args)
+        out, counts, stopped = jax.device_get(program(*args))
+        return [self._result(out[row], int(counts[row]), bool(stopped[row]), lengths[row])
+                for row in range(len(prompts))]
+
+    def _budgets(self, n: int, params: SamplingParams, max_new_tokens: list[int] | None) -> list[int]:
+        if max_new_tokens is None:
+            return [params.max_new_tokens] * n
+        if len(max_new_tokens) != n:
+            raise ConfigError(f"max_new_tokens has {len(max_new_tokens)} entries for {n} prompts: give one per prompt")
+        for value in max_new_tokens:
+            _check_budget(value, "max_new_tokens entry")
+        return [int(v) for v in max_new_tokens]
+
+    def _check_prompts(self, prompts: list[list[int]]) -> list[int]:
+        vocab = self.model.cfg.vocab_size
+        for row, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise DataError(f"prompt {row} is empty: give at least one token (e.g. BOS)")
+            ids = np.asarray(prompt)
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= vocab:
+                raise DataError(f"prompt {row} must be a list of token ids in [0, {vocab}), got {prompt[:8]!r}...")
+        return [len(p) for p in prompts]
+
+    def _place(self, *arrays: np.ndarray) -> tuple:
+        """The per-row arrays, split over the mesh's batch axes when there is a mesh."""
+        if self.mesh is None:
+            return arrays
+        return tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in arrays)
+
+    def _program(self, mode: _Mode, steps: int, args: tuple) -> Callable:
+        """The compiled generation program for these argument shapes and this mode (compiled on first use)."""
+        batch, prompt_len = args[1].shape
+        key = (batch, prompt_len, steps, mode)
+        if key not in self._programs:
+            cache_sharding = None
+            if self.mesh is not None:
+                # Rows over the batch axes; KV heads left to the compiler (they follow the tensor-sharded weights).
+                spec = PartitionSpec(BATCH_AXES, None, PartitionSpec.UNCONSTRAINED, None)
+                cache_sharding = NamedSharding(self.mesh, spec)
+            fn = functools.partial(_generate, self._graphdef, mode, steps, cache_sharding)
+            self._programs[key] = jax.jit(fn).lower(*args).compile()
+        return self._programs[key]
+
+    def _result(self, out: np.ndarray, count: int, stopped: bool, prompt_tokens: int) -> Generation:
+        kept = count - stopped
+        return Generation(tokens=out[:kept].tolist(), finish_reason="stop" if stopped else "length",
+                          prompt_tokens=prompt_tokens, completion_tokens=count,
+                          stop_token=int(out[kept]) if stopped else None)

@@ -1,0 +1,209 @@
+"""The batched sampler decodes exactly what transformers decodes, respects budgets, stops and filters, and compiles a
+bounded number of programs; option scoring equals a plain forward pass."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from aloe_jax.errors import AloeError
+from aloe_jax.models import masks, sharding
+from aloe_jax.models.config import read_hf_config
+from aloe_jax.models.weights import abstract_model, load_hf_model
+from aloe_jax.sampling import Sampler, SamplingParams, score_options
+from aloe_jax.sampling.sampler import bucket
+from tests import tiny_models
+
+# Mixed lengths spanning two prompt buckets (16 and 24), so left padding differs a lot between rows.
+_LENGTHS = (3, 9, 17, 5)
+PROMPTS = [np.random.RandomState(i).randint(3, 160, n).tolist() for i, n in enumerate(_LENGTHS)]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny untied Llama 3 with larger-than-default init: peaked logits make greedy ties (and flaky argmax) unlikely
+    and outputs varied rather than one repeated token."""
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = tiny_models.hf_config("llama3")
+    hf_cfg.initializer_range = 0.1
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sampler_model")
+    AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return load_hf_model(str(folder), read_hf_config(folder))
+
+
+@pytest.fixture(scope="module")
+def torch_model(folder):
+    return tiny_models.load_torch_model(folder)
+
+
+@pytest.fixture(scope="module")
+def free_sampler(model):
+    return Sampler(model, pad_id=0)
+
+
+@pytest.fixture(scope="module")
+def free_greedy(free_sampler):
+    """Greedy continuations of PROMPTS with no stop token."""
+    return [g.tokens for g in free_sampler.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))]
+
+
+@pytest.fixture(scope="module")
+def stop_id(free_greedy):
+    """A token that greedy decoding of prompt 1 emits mid-way (and the other rows do not), so rows finish both ways."""
+    return free_greedy[1][2]
+
+
+@pytest.fixture(scope="module")
+def stop_sampler(model, stop_id):
+    return Sampler(model, pad_id=0, stop_ids=[stop_id])
+
+
+def _with_stop(generation):
+    return generation.tokens + ([generation.stop_token] if generation.finish_reason == "stop" else [])
+
+
+def _torch_next_logits(torch_model, prompt, generated):
+    """`[len(generated), vocab]` logits that predicted each generated token, from one plain forward pass."""
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([prompt + generated])).logits[0].numpy()
+    return logits[len(prompt) - 1:len(prompt) - 1 + len(generated)]
+
+
+def test_greedy_batched_equals_alone_and_transformers(stop_sampler, torch_model, stop_id):
+    batched = stop_sampler.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+    assert {g.finish_reason for g in batched} == {"stop", "length"}, "the test should see both ways of finishing"
+    for prompt, got in zip(PROMPTS, batched):
+        alone = stop_sampler.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW))[0]
+        assert alone == got
+        with torch.no_grad():
+            ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
+                                       eos_token_id=stop_id, pad_token_id=0)[0, len(prompt):].tolist()
+        assert _with_stop(got) == ref
+
+
+def test_per_row_budgets_stops_reasons_and_counts(stop_sampler, free_greedy, stop_id):
+    budgets = [0, 7, 2, MAX_NEW]
+    results = stop_sampler.generate(PROMPTS, SamplingParams(max_new_tokens=99), max_new_tokens=budgets)
+    for prompt, free, budget, got in zip(PROMPTS, free_greedy, budgets, results):
+        allowed = free[:budget]
+        if stop_id in allowed:
+            cut = allowed.index(stop_id)
+            assert (got.finish_reason, got.tokens, got.stop_token) == ("stop", allowed[:cut], stop_id)
+            assert got.completion_tokens == cut + 1
+        else:
+            assert (got.finish_reason, got.tokens, got.stop_token) == ("length", allowed, None)
+            assert got.completion_tokens == budget
+        assert got.prompt_tokens == len(prompt)
+    assert "stop" in {g.finish_reason for g in results}, "a row should stop within its budget"
+
+
+def test_seeded_sampling_is_reproducible(free_sampler, free_greedy):
+    params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=7)
+    first = free_sampler.generate(PROMPTS, params)
+    assert free_sampler.generate(PROMPTS, params) == first
+    other = free_sampler.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=8))
+    assert [g.tokens for g in other] != [g.tokens for g in first]
+    # A row's draws depend on the seed and its row index, not on the rows after it or the batch bucket.
+    assert free_sampler.generate(PROMPTS[:1], params)[0] == first[0]
+    near_zero = free_sampler.generate(PROMPTS, SamplingParams(temperature=1e-6, max_new_tokens=MAX_NEW, seed=7))
+    assert [g.tokens for g in near_zero] == free_greedy
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=4), dict(top_p=0.5), dict(top_k=6, top_p=0.6)])
+def test_filtered_sampling_stays_in_the_allowed_set(free_sampler, torch_model, filters):
+    temperature, top_p = 1.5, filters.get("top_p", 1.0)
+    ranks = []
+    for seed in range(3):
+        params = SamplingParams(temperature=temperature, max_new_tokens=16, seed=seed, **filters)
+        for prompt, got in zip(PROMPTS, free_sampler.generate(PROMPTS, params)):
+            logits = _torch_next_logits(torch_model, prompt, got.tokens) / temperature  # [steps, vocab]
+            chosen = logits[np.arange(len(got.tokens)), got.tokens][:, None]
+            top_k = filters.get("top_k", logits.shape[-1])
+            rank = (logits > chosen).sum(-1)
+            assert (rank < top_k).all()
+            # The nucleus is taken over the top-k tokens, renormalised (top-p after top-k, as in HF).
+            in_top_k = logits >= np.sort(logits, axis=-1)[:, -top_k:][:, :1]
+            probs = np.where(in_top_k, np.exp(logits - logits.max(-1, keepdims=True)), 0)
+            probs /= probs.sum(-1, keepdims=True)
+            mass_before = np.where(logits > chosen, probs, 0).sum(-1)  # mass of strictly more likely tokens
+            assert (mass_before < top_p + 1e-5).all()
+            ranks += rank.tolist()
+    assert max(ranks) > 0, "sampling never left the top-1 token: the filters were not exercised"
+
+
+@contextlib.contextmanager
+def _count_backend_compiles():
+    """Yields a list that grows by one per XLA backend compilation inside the block."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_varied_calls_compile_a_bounded_number_of_programs(model):
+    sampler = Sampler(model, pad_id=0, stop_ids=[2])
+    rng = np.random.RandomState(0)
+    with _count_backend_compiles() as compiles:
+        for _ in range(10):
+            prompts = [rng.randint(3, 160, rng.randint(1, 17)).tolist() for _ in range(rng.randint(5, 7))]
+            sampler.generate(prompts, SamplingParams(max_new_tokens=int(rng.randint(1, 17))))
+    assert sampler.num_compiled == 1 and len(compiles) == 1
+    assert len({bucket(n, 16) for n in range(1, 4097)}) == 17
+
+
+def test_option_scores_equal_full_forward_log_probs(model):
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    options = [[7], [11, 12], [], [150, 3, 99]]
+    scores = score_options(model, prompts, options, batch_size=5)  # 12 pairs → chunks of 5, 5, 2
+    assert scores.shape == (3, 4)
+    # One row at a time, full logits; right padding to one length keeps it to a single compiled shape.
+    forward = nnx.jit(lambda m, ids, valid: jax.nn.log_softmax(
+        m(ids, masks.positions_from_valid(valid), masks.causal_mask(valid))[0], axis=-1))
+    for i, prompt in enumerate(prompts):
+        for j, option in enumerate(options):
+            ids = np.zeros((1, 32), np.int32)
+            ids[0, :len(prompt + option)] = prompt + option
+            logps = np.asarray(forward(model, ids, np.arange(32)[None] < len(prompt + option)))[0]  # [seq, vocab]
+            expected = sum(logps[len(prompt) - 1 + t, tok] for t, tok in enumerate(option))
+            assert abs(scores[i, j] - expected) <= 1e-5, (i, j)
+
+
+def test_mesh_sharded_greedy_equals_single_device(folder, free_greedy):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = read_hf_config(folder)
+    sharded = load_hf_model(str(folder), cfg, shardings=sharding.param_shardings(abstract_model(cfg), mesh))
+    sampler = Sampler(sharded, pad_id=0, mesh=mesh)
+    # 3 prompts on 4 batch shards: a dummy row pads the batch to a multiple of data × fsdp.
+    results = sampler.generate(PROMPTS[1:], SamplingParams(max_new_tokens=MAX_NEW))
+    assert [g.tokens for g in results] == free_greedy[1:]
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=-1), dict(temperature=-0.5), dict(top_p=0.0), dict(top_k=-2),
+                                 dict(seed=-1), dict(temperature=float("nan"))])
+def test_invalid_sampling_params_are_typed_errors(bad):
+    with pytest.raises(AloeError):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("prompts, budgets", [([[]], None), ([[5, 160]], None), ([[5]], [1, 2]), ([[5]], [-1])])
+def test_invalid_prompts_and_budgets_are_typed_errors(free_sampler, prompts, budgets):
+    with pytest.raises(AloeError):
+        free_sampler.generate(prompts, SamplingParams(), max_new_tokens=budgets)
