@@ -1,0 +1,1 @@
+"""Training data: the preference-tree record schema, tokenisation into tree-packed sequences, grain pipelines."""

@@ -1,0 +1,75 @@
+"""The preference-tree record: one conversation per JSONL line (DESIGN §3), shared by the data pipeline that writes
+it and the trainer that reads it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from aloe_jax.errors import DataError
+
+
+class JudgeRecord(pydantic.BaseModel):
+    """What the pairwise judge saw and said: the order the two replies were shown in, and its raw output."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    order: Literal["AB", "BA", "both"] | None = None
+    raw: str | list[str] | None = None
+    agreed: bool | None = None
+
+
+class Turn(pydantic.BaseModel):
+    """One turn: the user's message, the two candidate replies, and which one the conversation continued with."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    user: str
+    preferred: str
+    rejected: str
+    continued: Literal["preferred", "rejected"] = "preferred"
+    inferred_profile: str | None = None
+    inferred_personality: str | None = None
+    judge: JudgeRecord | None = None
+    judged: bool = True  # False when the judge never gave a usable verdict (the pair is then not trained on)
+
+    def reply(self, which: Literal["preferred", "rejected"]) -> str:
+        return self.preferred if which == "preferred" else self.rejected
+
+    @property
+    def side(self) -> Literal["preferred", "rejected"]:
+        """The reply that did not continue the conversation."""
+        return "rejected" if self.continued == "preferred" else "preferred"
+
+
+class TreeRecord(pydantic.BaseModel):
+    """A whole conversation tree: persona, turns along the spine, and provenance."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    id: str
+    profile: str = ""
+    personality: str = ""
+    system: str | None = None  # system prompt the responders saw, if any
+    turns: list[Turn] = pydantic.Field(min_length=1)
+    meta: dict = pydantic.Field(default_factory=dict)
+
+    def history(self, turn: int) -> list[dict]:
+        """The chat messages before turn `turn`'s reply: the spine so far plus that turn's user message."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for t in self.turns[:turn]:
+            messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.reply(t.continued)}]
+        return messages + [{"role": "user", "content": self.turns[turn].user}]
+
+    def spine(self) -> list[dict]:
+        """The whole conversation along the continued replies."""
+        last = self.turns[-1]
+        return self.history(len(self.turns) - 1) + [{"role": "assistant", "content": last.reply(last.continued)}]
+
+
+def parse_tree(line: str, where: str = "") -> TreeRecord:
+    """A TreeRecord from one JSON line; a malformed record is a DataError naming where it came from."""
+    try:
+        return TreeRecord.model_validate_json(line)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise DataError(f"malformed tree record{' at ' + where if where else ''}: {loc}: {first['msg']}") from None

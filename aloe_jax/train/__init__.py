@@ -1,0 +1,1 @@
+"""One trainer loop shared by SFT and DPO, its losses, checkpoints and metrics."""
