@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -10,8 +11,13 @@ from aloe_jax.errors import AloeError
 
 EXIT_USER_ERROR = 2
 
+# Modules that add their own subcommands: each defines `register(commands)` taking the argparse sub-parsers object
+# and setting `run=<function(args)>` on every parser it adds. Imports inside them stay lazy (no jax at parse time).
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF folder (local or gs://) or 'smollm2' (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="reply to one message (greedy by default)")
     chat.add_argument("message", help="the user's message")
-    _add_model_args(chat)
+    add_model_args(chat)
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     chat.add_argument("--seed", type=int, default=0)
@@ -69,12 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_cmd_chat)
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    _add_model_args(serve)
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-name", default=None, help="model id clients must send (default: --model)")
     serve.add_argument("--max-batch", type=int, default=64, help="most conversations decoded together")
     serve.set_defaults(run=_cmd_serve)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
     return parser
 
 
