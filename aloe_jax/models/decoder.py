@@ -20,20 +20,23 @@ _INIT = jax.nn.initializers.normal(stddev=0.02)
 
 
 class KVCache(NamedTuple):
-    """Static-size key/value cache, per layer `[batch, cache_len, kv_heads, head_dim]`. Which slots hold real tokens
-    is the caller's business: it says so in the attention mask (see masks.cached_mask)."""
+    """Static-size key/value cache, per layer `[batch, kv_heads, cache_len, head_dim]`. Which slots hold real tokens
+    is the caller's business: it says so in the attention mask (see masks.cached_mask).
+
+    Heads-major so that attention reads each (row, kv head) as one contiguous `[cache_len, head_dim]` matrix: with
+    the slots-major layout, XLA on CPU transposed the whole cache of every layer at every decode step."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
     """An empty cache for `batch` rows of up to `cache_len` tokens, in the compute dtype."""
-    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
     return KVCache(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
                    tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)))
 
@@ -60,6 +63,24 @@ class Norm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+
+
+def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention over a heads-major cache, with jax.nn.dot_product_attention's numerics (fp32 logits
+    and softmax, masked logits set to a large finite negative so that a query that sees nothing stays finite).
+
+    q `[B, T, H, hd]`, k and v `[B, K, S, hd]`, mask `[B, T, S]` bool → `[B, T, H, hd]`. The H = K·G query heads are
+    grouped per KV head, so each (row, KV head) is one `[G·T, hd] x [hd, S]` product and the cache is never copied.
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(hd**-0.5)
+    large_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
+    logits = jnp.where(mask[:, None, None], logits, large_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
 class Attention(nnx.Module):
@@ -95,12 +116,15 @@ class Attention(nnx.Module):
         q = rope.apply_rope(self._project(x, "q"), positions, inv_freq)
         k = rope.apply_rope(self._project(x, "k"), positions, inv_freq)
         v = self._project(x, "v")
-        if cache_kv is not None:
+        if cache_kv is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask[:, None])
+        else:
             k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            # [B, T, K, hd] → [B, K, T, hd], written in place at slots cache_index..cache_index+T-1.
+            k = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
             cache_kv = (k, v)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=attn_mask[:, None])
+            out = _cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(x.dtype)

@@ -259,7 +259,7 @@ class Sampler:
             cache_sharding = None
             if self.mesh is not None:
                 # Rows over the batch axes; KV heads left to the compiler (they follow the tensor-sharded weights).
-                spec = PartitionSpec(BATCH_AXES, None, PartitionSpec.UNCONSTRAINED, None)
+                spec = PartitionSpec(BATCH_AXES, PartitionSpec.UNCONSTRAINED, None, None)
                 cache_sharding = NamedSharding(self.mesh, spec)
             fn = functools.partial(_generate, self._graphdef, mode, steps, cache_sharding)
             self._programs[key] = jax.jit(fn).lower(*args).compile()
