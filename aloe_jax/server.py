@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-from aloe_jax.sampling.sampler import SamplingParams
+from aloe_jax.sampling.sampler import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_BODY_BYTES = 8 * 2**20
@@ -72,11 +72,18 @@ def parse_chat_request(body: Any, served_model: str) -> tuple[list[dict], Sampli
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("'stop' must be a string or a list of at most 4 non-empty strings", "stop")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    want_logprobs = body.get("logprobs") or False
+    if not isinstance(want_logprobs, bool):
+        raise RequestError(f"'logprobs' must be a boolean, got {want_logprobs!r}", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs is not None and not want_logprobs:
+        raise RequestError("'top_logprobs' requires 'logprobs': true", "top_logprobs")
     params = SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         max_new_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 256, 1, 1 << 20, integer=True),
         seed=_number(body, "seed", 0, 0, 2**32 - 1, integer=True),
+        top_logprobs=(top_logprobs or 0) if want_logprobs else None,
     )
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
     if body.get("stream"):
@@ -135,11 +142,29 @@ class Batcher:
             start += len(item.conversations)
 
 
-def _completion_json(model: str, replies, stop: list[str]) -> dict:
+def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = tokenizer.decode([token_id])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _logprobs_json(tokenizer, reply) -> dict | None:
+    """OpenAI's `choices[i].logprobs` for a reply decoded with top_logprobs set (None otherwise)."""
+    if reply.logprobs is None:
+        return None
+    content = []
+    for token_id, logprob, alternatives in zip(reply.token_ids, reply.logprobs, reply.top_logprobs):
+        entry = _token_entry(tokenizer, token_id, logprob)
+        entry["top_logprobs"] = [_token_entry(tokenizer, t, lp) for t, lp in alternatives]
+        content.append(entry)
+    return {"content": content}
+
+
+def _completion_json(model: str, replies, stop: list[str], tokenizer=None) -> dict:
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, reply in enumerate(replies):
         text, stopped = _cut_at_stop(reply.text, stop)
-        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                        "logprobs": _logprobs_json(tokenizer, reply),
                         "finish_reason": "stop" if stopped else reply.finish_reason})
         prompt_tokens = reply.prompt_tokens
         completion_tokens += reply.completion_tokens
@@ -200,7 +225,7 @@ def make_handler(model_name: str, batcher: Batcher):
             except Exception as err:
                 self._error(500, f"generation failed: {type(err).__name__}: {err}")
                 return
-            self._send(200, _completion_json(model_name, replies, stop))
+            self._send(200, _completion_json(model_name, replies, stop, batcher.engine.tokenizer))
 
     return Handler
 

@@ -117,3 +117,44 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _forward_logprobs(engine, prompt: list[int], generated: list[int]) -> list[float]:
+    """Log-probability of each generated token under a plain (uncached) forward pass of the whole sequence."""
+    import jax
+    import jax.numpy as jnp
+
+    ids = prompt + generated
+    n = len(ids)
+    logits, _ = engine.model(jnp.asarray([ids]), jnp.arange(n)[None], jnp.tril(jnp.ones((n, n), bool))[None])
+    logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+    return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(generated)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_equal_a_plain_forward_pass(server, tiny_chat_engine, temperature):
+    messages = _conversation(5)
+    response = _client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                       temperature=temperature, seed=3, logprobs=True,
+                                                       top_logprobs=5)
+    content = response.choices[0].logprobs.content
+    direct = tiny_chat_engine.reply([messages], SamplingParams(temperature=temperature, max_new_tokens=6, seed=3,
+                                                               top_logprobs=5))[0]
+    assert len(content) == len(direct.token_ids) > 0
+    expected = _forward_logprobs(tiny_chat_engine, tiny_chat_engine.prompt_ids(messages), list(direct.token_ids))
+    for entry, want, token_id in zip(content, expected, direct.token_ids):
+        assert abs(entry.logprob - want) <= 1e-4
+        assert entry.token == tiny_chat_engine.tokenizer.decode([token_id])
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True) and tops[0] >= entry.logprob - 1e-6
+        if temperature == 0:  # greedy picks the most likely token
+            assert entry.top_logprobs[0].token == entry.token
+
+
+def test_logprobs_are_off_unless_asked_and_validated(server):
+    client = _client(server)
+    plain = client.chat.completions.create(model=MODEL, messages=_conversation(1), max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+    for bad in ({"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 2}, {"logprobs": "yes"}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=_conversation(1), max_tokens=3, **bad)

@@ -27,6 +27,9 @@ class ChatReply:
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...]
+    # With SamplingParams.top_logprobs set (see sampler.Generation): per token of token_ids.
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 class ChatEngine:
@@ -54,6 +57,8 @@ class ChatEngine:
                 prompt_tokens=g.prompt_tokens,
                 completion_tokens=g.completion_tokens,
                 token_ids=tuple(g.tokens),
+                logprobs=None if g.logprobs is None else tuple(g.logprobs),
+                top_logprobs=None if g.top_logprobs is None else tuple(tuple(t) for t in g.top_logprobs),
             )
             for g in generations
         ]

@@ -25,6 +25,9 @@ from aloe_jax.models.decoder import Decoder, KVCache, init_cache
 from aloe_jax.models.sharding import BATCH_AXES, batch_sharding
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How each next token is picked: temperature 0 is greedy; otherwise the logits are divided by `temperature`,
@@ -35,6 +38,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+    # None: no log-probabilities. n ≥ 0: each generated token's log-probability under the model (before temperature
+    # and cuts, as OpenAI-compatible servers report it) and the n most likely alternatives at that step.
+    top_logprobs: int | None = None
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -46,6 +52,10 @@ class SamplingParams:
         _check_budget(self.max_new_tokens, "sampling max_new_tokens")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"sampling seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.top_logprobs is not None and (not isinstance(self.top_logprobs, int) or
+                                              not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise ConfigError(f"top_logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS}, "
+                              f"got {self.top_logprobs!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,10 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     stop_token: int | None = None
+    # With SamplingParams.top_logprobs set: per token of `tokens`, its log-probability and the top alternatives as
+    # (token id, log-probability) pairs, most likely first.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class _Mode(NamedTuple):
@@ -66,13 +80,15 @@ class _Mode(NamedTuple):
     greedy: bool
     top_k: int
     nucleus: bool
+    logprobs: int  # -1: off; n ≥ 0: record log-probabilities with n alternatives
 
     @classmethod
     def of(cls, params: SamplingParams, vocab_size: int) -> "_Mode":
+        logprobs = -1 if params.top_logprobs is None else min(params.top_logprobs, vocab_size)
         if params.temperature == 0:
-            return cls(True, 0, False)
+            return cls(True, 0, False, logprobs)
         top_k = params.top_k if params.top_k < vocab_size else 0  # keeping the whole vocabulary is no cut
-        return cls(False, top_k, params.top_p < 1)
+        return cls(False, top_k, params.top_p < 1, logprobs)
 
 
 def _check_budget(value, name: str) -> None:
@@ -123,6 +139,21 @@ def _next_tokens(logits, row_keys, step, temperature, top_p, mode: _Mode) -> jax
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
+class _TokenLogprobs(NamedTuple):
+    """Log-probabilities at one step `[batch]` / `[batch, n]`, or over all steps `[batch, steps]` / `[..., n]`."""
+
+    chosen: jax.Array
+    top_ids: jax.Array
+    top: jax.Array
+
+
+def _logprobs(logits: jax.Array, token: jax.Array, n: int) -> _TokenLogprobs:
+    """The chosen tokens' log-probabilities under the raw `[batch, vocab]` logits, and the n most likely tokens."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top, top_ids = jax.lax.top_k(logp, n) if n else (logp[:, :0], jnp.zeros((logp.shape[0], 0), jnp.int32))
+    return _TokenLogprobs(jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top)
+
+
 class _Loop(NamedTuple):
     """State of the decode loop."""
 
@@ -133,6 +164,8 @@ class _Loop(NamedTuple):
     stopped: jax.Array  # [batch] bool: the row ended on a stop token
     done: jax.Array  # [batch] bool: stopped or out of budget
     cache: KVCache
+    token_logprobs: _TokenLogprobs | None = None  # of `token`, when asked for
+    out_logprobs: _TokenLogprobs | None = None  # per generated token, like `out`
 
 
 def _record(loop: _Loop, budgets: jax.Array, stop_ids: jax.Array) -> _Loop:
@@ -141,6 +174,10 @@ def _record(loop: _Loop, budgets: jax.Array, stop_ids: jax.Array) -> _Loop:
     # Every live row has generated exactly `step` tokens before this one, so column `step` is the right one; what
     # lands in the columns of finished rows lies past their count and is never read.
     out = jax.lax.dynamic_update_slice(loop.out, loop.token[:, None], (0, loop.step))
+    if loop.out_logprobs is not None:
+        write = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
+            buf, x[:, None], (0, loop.step) + (0,) * (buf.ndim - 2))
+        loop = loop._replace(out_logprobs=_TokenLogprobs(*map(write, loop.out_logprobs, loop.token_logprobs)))
     count = loop.count + live
     is_stop = jnp.any(loop.token[:, None] == stop_ids[None, :], axis=-1)
     stopped = loop.stopped | (live & is_stop)
@@ -165,22 +202,34 @@ def _generate(graphdef, mode: _Mode, steps: int, cache_sharding, state, tokens, 
     logits = model.logits(hidden[:, -1:])[:, 0]  # [batch, vocab]: only the last position is ever needed
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(batch))
     sample = functools.partial(_next_tokens, row_keys=row_keys, temperature=temperature, top_p=top_p, mode=mode)
-    first = _Loop(step=jnp.int32(0), token=sample(logits, step=0), out=jnp.zeros((batch, steps), jnp.int32),
-                  count=jnp.zeros((batch,), jnp.int32), stopped=jnp.zeros((batch,), bool), done=budgets <= 0,
-                  cache=cache)
+
+    def pick(logits, step) -> dict:
+        token = sample(logits, step=step)
+        if mode.logprobs < 0:
+            return dict(token=token)
+        return dict(token=token, token_logprobs=_logprobs(logits, token, mode.logprobs))
+
+    out_logprobs = None
+    if mode.logprobs >= 0:
+        n = mode.logprobs
+        out_logprobs = _TokenLogprobs(jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch, steps, n), jnp.int32),
+                                      jnp.zeros((batch, steps, n), jnp.float32))
+    first = _Loop(step=jnp.int32(0), out=jnp.zeros((batch, steps), jnp.int32), count=jnp.zeros((batch,), jnp.int32),
+                  stopped=jnp.zeros((batch,), bool), done=budgets <= 0, cache=cache, out_logprobs=out_logprobs,
+                  **pick(logits, 0))
 
     def decode_one(loop: _Loop) -> _Loop:
         slot = prompt_len + loop.step
         hidden, cache = model.hidden_states(loop.token[:, None], (lengths + loop.step)[:, None],
                                             masks.cached_mask(kv_valid, slot, 1), loop.cache, slot)
-        token = sample(model.logits(hidden)[:, 0], step=loop.step + 1)
-        return _record(loop._replace(step=loop.step + 1, token=token, cache=cache), budgets, stop_ids)
+        picked = pick(model.logits(hidden)[:, 0], loop.step + 1)
+        return _record(loop._replace(step=loop.step + 1, cache=cache, **picked), budgets, stop_ids)
 
     def running(loop: _Loop) -> jax.Array:
         return ~jnp.all(loop.done) & (loop.step + 1 < steps)
 
     last = jax.lax.while_loop(running, decode_one, _record(first, budgets, stop_ids))
-    return last.out, last.count, last.stopped
+    return last.out, last.count, last.stopped, last.out_logprobs
 
 
 class Sampler:
@@ -222,8 +271,9 @@ class Sampler:
                 np.asarray(self.stop_ids, np.int32), np.float32(params.temperature), np.float32(params.top_p),
                 np.uint32(params.seed))
         program = self._program(_Mode.of(params, self.model.cfg.vocab_size), steps, args)
-        out, counts, stopped = jax.device_get(program(*args))
-        return [self._result(out[row], int(counts[row]), bool(stopped[row]), lengths[row])
+        out, counts, stopped, logprobs = jax.device_get(program(*args))
+        return [self._result(out[row], int(counts[row]), bool(stopped[row]), lengths[row],
+                             None if logprobs is None else _TokenLogprobs(*(x[row] for x in logprobs)))
                 for row in range(len(prompts))]
 
     def _budgets(self, n: int, params: SamplingParams, max_new_tokens: list[int] | None) -> list[int]:
@@ -265,8 +315,14 @@ class Sampler:
             self._programs[key] = jax.jit(fn).lower(*args).compile()
         return self._programs[key]
 
-    def _result(self, out: np.ndarray, count: int, stopped: bool, prompt_tokens: int) -> Generation:
+    def _result(self, out: np.ndarray, count: int, stopped: bool, prompt_tokens: int,
+                logprobs: _TokenLogprobs | None) -> Generation:
         kept = count - stopped
+        extra = {}
+        if logprobs is not None:
+            extra = dict(logprobs=logprobs.chosen[:kept].tolist(),
+                         top_logprobs=[list(zip(ids.tolist(), lps.tolist()))
+                                       for ids, lps in zip(logprobs.top_ids[:kept], logprobs.top[:kept])])
         return Generation(tokens=out[:kept].tolist(), finish_reason="stop" if stopped else "length",
                           prompt_tokens=prompt_tokens, completion_tokens=count,
-                          stop_token=int(out[kept]) if stopped else None)
+                          stop_token=int(out[kept]) if stopped else None, **extra)
