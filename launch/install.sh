@@ -30,7 +30,7 @@ pip --upgrade pip
 if [ "$with_tests" = 1 ]; then
   # torch first and pinned: anything that later asks for torch then finds it, instead of pulling a CUDA build.
   pip "torch==2.13.0"
-  pip -e "$root[test]"
+  pip -e "${root}[test]"
 else
   pip -e "$root"
 fi
