@@ -26,8 +26,8 @@ TOKEN_FIELDS = ("tokens", "positions", "segment", "visible_prefix", "labels", "r
 _TOKEN_FILL = {"tokens": 0, "positions": 0, "segment": -1, "visible_prefix": 0, "labels": 0, "reply_index": -1}
 
 
-def collate(trees: Sequence[PackedTree], rows: int, seq_len: int, max_pairs: int, pad_id: int = 0) -> dict:
-    """A batch of `rows` rows from up to `rows` packed trees (missing rows are padding)."""
+def collate(trees: Sequence[PackedTree | None], rows: int, seq_len: int, max_pairs: int, pad_id: int = 0) -> dict:
+    """A batch of `rows` rows from up to `rows` packed trees (None or missing rows are padding)."""
     if len(trees) > rows:
         raise ValueError(f"{len(trees)} trees do not fit in {rows} rows")
     batch = {name: np.full((rows, seq_len), _TOKEN_FILL[name], np.int32) for name in TOKEN_FIELDS}
@@ -37,6 +37,8 @@ def collate(trees: Sequence[PackedTree], rows: int, seq_len: int, max_pairs: int
     batch["pair_rejected"] = np.zeros((rows, max_pairs), np.int32)
     batch["pair_weight"] = np.zeros((rows, max_pairs), np.float32)
     for row, tree in enumerate(trees):
+        if tree is None:
+            continue
         n = len(tree)
         if n > seq_len:
             raise DataError(f"a packed tree of {n} tokens does not fit seq_len={seq_len}")
