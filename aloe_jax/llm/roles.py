@@ -91,4 +91,9 @@ class Role:
                 cached[i] = [float(x) for x in row]
                 if self.cache is not None:
                     self.cache.put(keys[i], cached[i])
+        if self.meter is not None:
+            # Scoring calls are counted (and cache hits seen); their tokens are not: the backends do not report them.
+            fresh_rows = set(todo)
+            for i in range(len(conversations)):
+                self.meter.record(self.name, self.backend.name, 0, 0, cached=i not in fresh_rows)
         return np.asarray(cached, dtype=np.float64)

@@ -1,0 +1,96 @@
+"""Typed config of data generation (`configs/datagen.yaml`): which backend and sampling settings each LLM role uses,
+how persona pools grow, how trees are planned, where outputs go, and the price table for cost reports."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from aloe_jax.config import StrictModel
+from aloe_jax.llm.base import GenerationParams
+from aloe_jax.llm.roles import BackendConfig
+from aloe_jax.llm.usage import Price
+
+# The paper's near-duplicate threshold, set for paraphrase-MiniLM-L6-v2. Our encoder is all-MiniLM-L6-v2, under which
+# the released pools themselves are far more similar (see configs/datagen.yaml for the calibrated values).
+PAPER_THRESHOLD = 0.6
+
+ROLE_NAMES = ("persona_generator", "user", "extractor", "hinted", "plain", "judge")
+
+
+class RoleConfig(StrictModel):
+    """One LLM role: the backend it runs on and its sampling settings."""
+
+    backend: BackendConfig = BackendConfig()
+    generation: GenerationParams = GenerationParams(max_tokens=128)
+
+
+class RolesConfig(StrictModel):
+    """Every role of persona and tree generation."""
+
+    persona_generator: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.9, max_tokens=160))
+    user: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, max_tokens=96))
+    extractor: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.0, max_tokens=128))
+    hinted: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, max_tokens=128))
+    plain: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, max_tokens=128))
+    judge: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.0, max_tokens=8))
+
+
+class PersonasConfig(StrictModel):
+    """Growing a profile or personality pool from seed entries by self-generation."""
+
+    kind: Literal["profile", "personality"] = "profile"
+    seeds: str | None = None  # JSONL of strings; None: the released ALOE train pool of `kind` (from `aloe_source`)
+    output: str = "data/personas/{kind}.jsonl"  # local or gs://; holds the seeds followed by accepted entries
+    target_size: int = pydantic.Field(400, gt=0)
+    examples_per_prompt: int = pydantic.Field(5, gt=0)
+    candidates_per_prompt: int = pydantic.Field(20, gt=0)
+    prompts_per_round: int = pydantic.Field(4, gt=0)  # prompts sent as one batch per round
+    max_rounds: int = pydantic.Field(100, gt=0)
+    min_words: int = pydantic.Field(8, ge=1)  # shorter parsed lines are list debris, not personas
+    threshold: dict[Literal["profile", "personality"], float] = {"profile": PAPER_THRESHOLD,
+                                                                  "personality": PAPER_THRESHOLD}
+
+    @pydantic.field_validator("threshold")
+    @classmethod
+    def _cosine_range(cls, value: dict) -> dict:
+        for kind, t in value.items():
+            if not -1.0 <= t <= 1.0:
+                raise ValueError(f"threshold for {kind} is a cosine similarity and must lie in [-1, 1], got {t}")
+        return value
+
+
+class TreesConfig(StrictModel):
+    """The sampling plan and protocol of tree generation."""
+
+    profiles: str | None = None  # JSONL of strings; None: the released ALOE train profiles (from `aloe_source`)
+    personalities: str | None = None
+    conversations: int = pydantic.Field(3000, gt=0)  # planned (profile, personality) pairs, drawn without repeats
+    turns: int = pydantic.Field(10, gt=0)
+    batch_size: int = pydantic.Field(32, gt=0)  # conversations advancing together (one batch per role and turn)
+    judge_order: Literal["random", "both"] = "random"
+    continue_with: Literal["random", "preferred", "rejected", "hinted"] = "random"
+    judge_retries: int = pydantic.Field(2, ge=0)  # extra attempts when a text judge's answer does not parse
+    output: str = "data/trees/trees.jsonl"  # local or gs://
+    state_dir: str = "data/trees/state"  # local: committed turns, call cache and run log, for resuming
+
+    @pydantic.field_validator("state_dir")
+    @classmethod
+    def _local_state(cls, value: str) -> str:
+        # The state is appended to with fsync and holds a SQLite file: both need a local filesystem.
+        if value.startswith("gs://"):
+            raise ValueError("must be a local folder (appends and SQLite need local disk); the output may be gs://")
+        return value
+
+
+class DatagenConfig(StrictModel):
+    """Everything `aloe-jax personas` and `aloe-jax trees` read."""
+
+    seed: int = 0
+    aloe_source: str | None = None  # folder (local/gs://) or URL of the ALOE pool files; None: pinned GitHub revision
+    cache: str = "data/personas/calls.sqlite"  # call cache of persona generation (trees keep theirs in state_dir)
+    roles: RolesConfig = RolesConfig()
+    personas: PersonasConfig = PersonasConfig()
+    trees: TreesConfig = TreesConfig()
+    prices: dict[str, Price] = {}  # backend name (e.g. "openai:gpt-4o-mini@api.openai.com") → $ per million tokens
