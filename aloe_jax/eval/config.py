@@ -1,0 +1,61 @@
+"""The typed config of an ALOE evaluation run (configs/eval.yaml plus key=value overrides)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from aloe_jax.config import StrictModel
+from aloe_jax.eval.cases import ALOE_CASES
+from aloe_jax.llm.base import GenerationParams
+from aloe_jax.llm.roles import BackendConfig
+
+
+class ModelUnderTest(StrictModel):
+    """The model being evaluated: decoded in process by our sampler, all cases of a turn in one batch."""
+
+    model: str = "smollm2-135m"  # Orbax checkpoint dir, HF folder (local or gs://) or the embedded preset
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    system_prompt: str | None = None  # None: the conversation alone, as the benchmark specifies
+    generation: GenerationParams = GenerationParams(temperature=0.0, max_tokens=96)
+    use_mesh: bool = True  # spread the batch over all devices when there is more than one
+
+
+class SimulatorConfig(StrictModel):
+    """The user simulator: plays each case's persona."""
+
+    backend: BackendConfig = BackendConfig()
+    generation: GenerationParams = GenerationParams(temperature=0.7, top_p=0.9, max_tokens=64)
+
+
+class JudgeConfig(StrictModel):
+    """The per-turn judge."""
+
+    backend: BackendConfig = BackendConfig()
+    # auto: option log-probabilities on an in-process model, strict text parsing on an API endpoint.
+    method: Literal["auto", "logprobs", "text"] = "auto"
+    max_retries: int = pydantic.Field(2, ge=0)
+    max_tokens: int = pydantic.Field(8, gt=0)
+    # Earlier exchanges shown to the judge besides the one it rates (longer context costs judge compute each turn).
+    history_turns: int = pydantic.Field(2, ge=0)
+
+    def resolved_method(self) -> Literal["logprobs", "text"]:
+        """The scoring method actually used."""
+        if self.method != "auto":
+            return self.method
+        return "logprobs" if self.backend.kind == "jax" else "text"
+
+
+class EvalConfig(StrictModel):
+    """One ALOE evaluation: which cases, how many turns, and the three roles."""
+
+    aloe_data: str | None = None  # folder (local or gs://) with the released eval pools; None: the pinned repository
+    cases: int = pydantic.Field(ALOE_CASES, ge=1, le=ALOE_CASES)
+    turns: int = pydantic.Field(10, ge=1)
+    seed: int = pydantic.Field(0, ge=0)
+    model: ModelUnderTest = ModelUnderTest()
+    simulator: SimulatorConfig = SimulatorConfig()
+    judge: JudgeConfig = JudgeConfig()
+    bootstrap_resamples: int = pydantic.Field(2000, ge=0)
+    cache_calls: bool = True  # keep simulator/judge calls in <out>/calls.sqlite so a rerun costs nothing

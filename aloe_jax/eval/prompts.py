@@ -1,0 +1,79 @@
+"""Prompts of the two evaluation roles — the user simulator and the per-turn judge — written for aloe-jax, and a hash
+of them for the protocol card (two runs are comparable only when their prompts hash alike)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from aloe_jax.eval.cases import EvalCase
+
+SIMULATOR_SYSTEM = (
+    "You are role-playing a real person who is chatting with an AI assistant. Stay in character the whole time and "
+    "never mention that you are an AI, a simulation or playing a part.\n\n"
+    "Facts about you:\n{profile}\n\nYour character:\n{personality}\n\n"
+    "Write only your next chat message. Keep it short (one to three sentences) and natural, like someone typing on "
+    "a phone, in the voice your character would use. Do not introduce yourself all at once: let a fact or a trait "
+    "show only when it fits what you are talking about, one or two per message at most. Talk about things this "
+    "person would really care about or want help with, and react to what the assistant just said."
+)
+
+SIMULATOR_OPENER = "(The chat is starting now. Write your first message to the assistant.)"
+
+JUDGE_SYSTEM = (
+    "You rate how well an AI assistant's reply suits one particular user. You know who the user really is; the "
+    "assistant does not, and has to work it out from the conversation."
+)
+
+JUDGE_USER = (
+    "Who the user really is.\nFacts: {profile}\nCharacter: {personality}\n\n"
+    "{history}"
+    "The user's latest message:\n{user}\n\nThe assistant's reply to rate:\n{reply}\n\n"
+    "Rate the reply on these three points together:\n"
+    "1. its tone and style fit the user's character;\n"
+    "2. its content fits the facts of the user's life and what they need;\n"
+    "3. it sounds human, engaging and concise rather than generic or long-winded.\n"
+    "Scale: 1 = ignores who this user is, 2 = mostly generic, 3 = partly tailored, 4 = well tailored, "
+    "5 = could hardly suit this user better.\n"
+    "Answer with one digit from 1 to 5 and nothing else."
+)
+
+JUDGE_HISTORY = "Earlier in the conversation:\n{turns}\n\n"
+
+JUDGE_RETRY = "That answer could not be read as a score. Reply with a single digit from 1 to 5 and nothing else."
+
+SCORE_OPTIONS = ("1", "2", "3", "4", "5")
+
+
+def prompt_hash() -> str:
+    """12 hex digits identifying every prompt text above."""
+    texts = [SIMULATOR_SYSTEM, SIMULATOR_OPENER, JUDGE_SYSTEM, JUDGE_USER, JUDGE_HISTORY, JUDGE_RETRY,
+             list(SCORE_OPTIONS)]
+    return hashlib.sha256(json.dumps(texts).encode("utf-8")).hexdigest()[:12]
+
+
+def simulator_messages(case: EvalCase, history: list[tuple[str, str]]) -> list[dict]:
+    """The simulator's chat for its next message. `history` holds (user message, assistant reply) pairs so far.
+
+    Roles are mirrored: the simulator speaks as the assistant of its own chat, and the model under test's replies
+    arrive as the user's messages.
+    """
+    messages = [{"role": "system", "content": SIMULATOR_SYSTEM.format(profile=case.profile,
+                                                                       personality=case.personality)},
+                {"role": "user", "content": SIMULATOR_OPENER}]
+    for user, reply in history:
+        messages.append({"role": "assistant", "content": user})
+        messages.append({"role": "user", "content": reply})
+    return messages
+
+
+def judge_messages(case: EvalCase, history: list[tuple[str, str]], user: str, reply: str,
+                   history_turns: int) -> list[dict]:
+    """The judge's chat for rating `reply` to `user`, showing the last `history_turns` earlier exchanges."""
+    shown = history[-history_turns:] if history_turns > 0 else []
+    earlier = ""
+    if shown:
+        earlier = JUDGE_HISTORY.format(turns="\n".join(f"User: {u}\nAssistant: {a}" for u, a in shown))
+    content = JUDGE_USER.format(profile=case.profile, personality=case.personality, history=earlier, user=user,
+                                reply=reply)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]

@@ -1,0 +1,209 @@
+"""What a reviewer reads: `report.md` (AL(k) table, summary metrics with CIs, protocol card), `al_curve.png` (AL(k)
+with its 95% band, one line per run) and `summary.json` (the same numbers, machine-readable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from aloe_jax import storage
+from aloe_jax.errors import ConfigError
+from aloe_jax.eval import metrics
+from aloe_jax.eval.runner import PROTOCOL_FILE, read_records, score_matrix
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "al_curve.png"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A finished (or partial) run folder: its protocol card, case ids and score matrices."""
+
+    label: str
+    folder: str
+    card: dict
+    case_ids: list[str]
+    scores: np.ndarray  # [cases, turns] argmax/parsed judge score, NaN missing
+    expected: np.ndarray | None  # [cases, turns] expected score (log-prob judges only)
+
+
+def load_run(folder: str, label: str | None = None) -> LoadedRun:
+    """The records of a run folder as score matrices over the cases and turns its protocol names."""
+    path = os.path.join(folder, PROTOCOL_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"{folder!r} is not an evaluation folder ({PROTOCOL_FILE} is missing)")
+    with open(path) as f:
+        card = json.load(f)
+    records = read_records(folder)
+    case_ids = list(dict.fromkeys(r["case_id"] for r in records))
+    turns = int(card["turns"])
+    expected = score_matrix(records, case_ids, turns, "expected_score")
+    return LoadedRun(label or os.path.basename(os.path.normpath(folder)), folder, card, case_ids,
+                     score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected)
+
+
+def _num(x: float, digits: int = 3, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _ci(ci: tuple[float, float], digits: int = 3, signed: bool = False) -> str:
+    if any(math.isnan(v) for v in ci):
+        return "n/a"
+    return f"[{_num(ci[0], digits, signed)}, {_num(ci[1], digits, signed)}]"
+
+
+def summary_json(summary: metrics.RunSummary) -> dict:
+    """A RunSummary as plain JSON values (NaN as null)."""
+    def clean(value):
+        if isinstance(value, np.ndarray):
+            return [clean(v) for v in value.tolist()]
+        if isinstance(value, (tuple, list)):
+            return [clean(v) for v in value]
+        if isinstance(value, (float, np.floating)):
+            return None if math.isnan(value) else float(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        return value
+
+    return {field.name: clean(getattr(summary, field.name)) for field in dataclasses.fields(summary)}
+
+
+def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunSummary | None,
+             extra: dict | None = None) -> str:
+    """report.md of one run."""
+    turns = len(summary.al)
+    lines = [f"# ALOE evaluation — {run.card.get('model')}", "",
+             f"{summary.n_cases} cases × {turns} turns; {summary.n_missing} of {summary.n_cases * turns} case-turns "
+             "have no judge score (missing, excluded from AL(k), never counted as 0). AL(k) = mean judge score (1–5) "
+             "at turn k; 95% CIs from a bootstrap over cases.", "",
+             "| turn k | AL(k) | 95% CI | scored | N-AL(k) |" + (" AL(k), expected score |" if expected else ""),
+             "|---:|---:|:---:|---:|---:|" + ("---:|" if expected else "")]
+    for k in range(turns):
+        row = (f"| {k + 1} | {_num(summary.al[k])} | {_ci((summary.al_ci[0][k], summary.al_ci[1][k]))} | "
+               f"{summary.counts[k]} | {_num(summary.n_al[k])} |")
+        if expected:
+            row += f" {_num(expected.al[k])} |"
+        lines.append(row)
+    lines += ["", "| metric | value | 95% CI |", "|---|---:|:---:|",
+              f"| AVG (mean of AL(k)) | {_num(summary.avg)} | {_ci(summary.avg_ci)} |",
+              f"| improvement rate (slope of AL(k) per turn) | {_num(summary.slope, 4, True)} | "
+              f"{_ci(summary.slope_ci, 4, True)} |",
+              f"| intercept of the fit | {_num(summary.intercept)} | |",
+              f"| R² of the fit | {_num(summary.r2)} | |",
+              f"| N-IR (slope of min-max normalised AL(k)) | {_num(summary.n_ir, 4, True)} | |"]
+    if expected:
+        lines += [f"| AVG, expected score | {_num(expected.avg)} | {_ci(expected.avg_ci)} |",
+                  f"| slope, expected score | {_num(expected.slope, 4, True)} | {_ci(expected.slope_ci, 4, True)} |"]
+    lines += ["", "A constant AL(k) has N-AL(k) = 0 at every turn and N-IR = 0; its R² is n/a (nothing to explain).",
+              "", f"![AL(k)]({PLOT_FILE})", "", "## Protocol", ""]
+    lines += [f"- **{key}**: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
+              for key, value in run.card.items()]
+    for title, body in (extra or {}).items():
+        lines += ["", f"## {title}", "", "```", body, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: Sequence[tuple[str, metrics.RunSummary]], path: str,
+                title: str = "ALOE: alignment per turn") -> None:
+    """Write a PNG with each run's AL(k) (line and markers) and its 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=150)
+    turns_max = 1
+    for i, (label, summary) in enumerate(runs):
+        color = plt.get_cmap("tab10")(i % 10)
+        k = np.arange(1, len(summary.al) + 1)
+        turns_max = max(turns_max, len(k))
+        low, high = summary.al_ci
+        if not np.all(np.isnan(low)):
+            ax.fill_between(k, low, high, color=color, alpha=0.18, linewidth=0)
+        legend = (f"{label}  ({summary.n_cases} cases; AVG {_num(summary.avg, 2)}, "
+                  f"slope {_num(summary.slope, 3, True)}/turn)")
+        ax.plot(k, summary.al, marker="o", color=color, linewidth=2, label=legend)
+        if not math.isnan(summary.slope):
+            ax.plot(k, summary.intercept + summary.slope * k, color=color, linestyle="--", linewidth=1, alpha=0.8)
+    ax.set_xticks(range(1, turns_max + 1))
+    ax.set_xlim(0.7, turns_max + 0.3)
+    ax.set_ylim(1, 5)
+    ax.set_yticks([1, 2, 3, 4, 5])
+    ax.set_xlabel("turn k", fontsize=12)
+    ax.set_ylabel("AL(k): mean judge score (1–5)", fontsize=12)
+    ax.set_title(title + "  (shaded: 95% CI over cases; dashed: least-squares fit)", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=10, framealpha=0.9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def write_report(folder: str, n_resamples: int = 2000, seed: int = 0, extra: dict | None = None) -> metrics.RunSummary:
+    """Summarise a run folder into report.md, al_curve.png and summary.json; returns the summary."""
+    run = load_run(folder)
+    summary = metrics.summarise(run.scores, n_resamples, seed)
+    expected = metrics.summarise(run.expected, n_resamples, seed) if run.expected is not None else None
+    storage.write_text(os.path.join(folder, REPORT_FILE), markdown(run, summary, expected, extra))
+    plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE))
+    storage.write_text(os.path.join(folder, SUMMARY_FILE), json.dumps(
+        {"score": summary_json(summary), "expected_score": summary_json(expected) if expected else None,
+         "protocol": run.card}, indent=1) + "\n")
+    return summary
+
+
+def compare(folders: Sequence[str], out_dir: str, n_resamples: int = 2000, seed: int = 0) -> str:
+    """Write compare.md and al_curve.png for several runs (each against the first, paired on shared cases); returns
+    the markdown."""
+    if len(folders) < 2:
+        raise ConfigError("eval-compare needs at least two run folders")
+    runs = [load_run(f) for f in folders]
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        runs = [dataclasses.replace(r, label=r.folder) for r in runs]
+    summaries = [metrics.summarise(r.scores, n_resamples, seed) for r in runs]
+    os.makedirs(out_dir, exist_ok=True)
+    plot_curves([(r.label, s) for r, s in zip(runs, summaries)], os.path.join(out_dir, PLOT_FILE),
+                title="ALOE: runs compared")
+    lines = ["# ALOE runs compared", "",
+             "| run | model | cases | AVG [95% CI] | slope [95% CI] | R² | N-IR | prompts |",
+             "|---|---|---:|---|---|---:|---:|---|"]
+    for run, s in zip(runs, summaries):
+        lines.append(f"| {run.label} | {run.card.get('model')} | {s.n_cases} | {_num(s.avg)} {_ci(s.avg_ci)} | "
+                     f"{_num(s.slope, 4, True)} {_ci(s.slope_ci, 4, True)} | {_num(s.r2)} | {_num(s.n_ir, 4, True)} | "
+                     f"{run.card.get('prompt_hash')} |")
+    base = runs[0]
+    lines += ["", f"Paired differences against **{base.label}** (other − {base.label}) on the cases and turns both "
+              "runs have; 95% CI from a paired bootstrap over cases.", "",
+              "| run | shared cases | turns | ΔAVG [95% CI] | Δslope [95% CI] | note |", "|---|---:|---:|---|---|---|"]
+    for run in runs[1:]:
+        shared = [c for c in base.case_ids if c in set(run.case_ids)]
+        turns = min(base.scores.shape[1], run.scores.shape[1])
+        note = "" if run.card.get("prompt_hash") == base.card.get("prompt_hash") else "different prompts!"
+        for key in ("simulator", "judge", "judge_method"):
+            if run.card.get(key) != base.card.get(key):
+                note += f" different {key}"
+        if not shared:
+            lines.append(f"| {run.label} | 0 | {turns} | n/a | n/a | no shared cases |")
+            continue
+        rows_a = [base.case_ids.index(c) for c in shared]
+        rows_b = [run.case_ids.index(c) for c in shared]
+        diff = metrics.paired_difference(base.scores[rows_a, :turns], run.scores[rows_b, :turns], n_resamples, seed)
+        lines.append(f"| {run.label} | {diff.n_cases} | {turns} | {_num(diff.avg_diff, 3, True)} "
+                     f"{_ci(diff.avg_diff_ci, 3, True)} | {_num(diff.slope_diff, 4, True)} "
+                     f"{_ci(diff.slope_diff_ci, 4, True)} | {note.strip()} |")
+    lines += ["", f"![AL(k)]({PLOT_FILE})", ""]
+    text = "\n".join(lines)
+    storage.write_text(os.path.join(out_dir, "compare.md"), text)
+    return text

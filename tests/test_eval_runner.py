@@ -1,0 +1,248 @@
+"""The ALOE loop end to end on tiny models: cases, lockstep batching = one case at a time, kill-and-resume, reports,
+the CLI on a model stored on gs:// (emulator)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from aloe_jax.cli import main
+from aloe_jax.errors import ConfigError
+from aloe_jax.eval import report
+from aloe_jax.eval.cases import build_cases, load_cases
+from aloe_jax.eval.config import EvalConfig
+from aloe_jax.eval.judge import Judge
+from aloe_jax.eval.runner import RECORDS_FILE, EvalRunner, protocol_card
+from aloe_jax.llm.cache import CallCache
+from aloe_jax.llm.jax_backend import JaxBackend
+from aloe_jax.llm.roles import Role
+from tests.conftest import SHARED
+
+ALOE_DATA = str(SHARED / "aloe_data")
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_tokenizer):
+    """A tiny random Llama with the SmolLM2 vocabulary and *untied* embeddings: with tied ones, greedy decoding just
+    repeats the prompt's last token (a newline), and equal transcripts would prove nothing."""
+    from flax import nnx
+
+    from aloe_jax.models.config import config_from_hf
+    from aloe_jax.models.decoder import Decoder
+    from aloe_jax.sampling.chat import ChatEngine
+
+    cfg = config_from_hf(dict(model_type="llama", vocab_size=len(smollm2_tokenizer), hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=False))
+    return ChatEngine(Decoder(cfg, nnx.Rngs(0)), smollm2_tokenizer)
+
+
+def test_cases_are_the_aloe_set():
+    cases = load_cases(ALOE_DATA)
+    assert len(cases) == 100 and len({c.case_id for c in cases}) == 100
+    assert {c.profile_index for c in cases} == set(range(20))
+    assert {c.personality_index for c in cases} == set(range(5))  # personalities 5 and 6 of the pool are not used
+    from data_pipeline.aloe_sources import load_pool
+
+    profiles, personalities = load_pool("profile", "eval", ALOE_DATA), load_pool("personality", "eval", ALOE_DATA)
+    assert (cases[0].profile, cases[0].personality) == (profiles[0], personalities[0])
+    assert (cases[7].profile, cases[7].personality) == (profiles[1], personalities[2])
+    assert (cases[99].profile, cases[99].personality) == (profiles[19], personalities[4])
+    assert [c.case_id for c in load_cases(ALOE_DATA, 7)] == [c.case_id for c in cases[:7]]
+    for bad in (0, 101):
+        with pytest.raises(ConfigError, match="between 1 and 100"):
+            build_cases(profiles, personalities, bad)
+
+
+def _config(turns: int = 2, simulator_temperature: float = 0.0, seed: int = 0) -> EvalConfig:
+    return EvalConfig.model_validate({
+        "cases": 3, "turns": turns, "seed": seed, "model": {"generation": {"max_tokens": 10}},
+        "simulator": {"generation": {"temperature": simulator_temperature, "max_tokens": 10}},
+        "judge": {"history_turns": 1}, "bootstrap_resamples": 50})
+
+
+class CountingEngine:
+    """The model under test's engine, counting the batches it decodes."""
+
+    def __init__(self, engine):
+        self.engine, self.batches = engine, []
+
+    def reply(self, conversations, params):
+        self.batches.append(len(conversations))
+        return self.engine.reply(conversations, params)
+
+
+class CrashingBackend:
+    """Wraps a backend and raises on the n-th option-scoring call, as a crash in the middle of a turn would."""
+
+    def __init__(self, backend, crash_at: int):
+        self.backend, self.name, self.crash_at, self.calls = backend, backend.name, crash_at, 0
+
+    def chat(self, conversations, params):
+        return self.backend.chat(conversations, params)
+
+    def score_options(self, conversations, options):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return self.backend.score_options(conversations, options)
+
+
+def _runner(engine, cfg, cases, out, judge_backend=None):
+    backend = JaxBackend(engine=engine.engine if isinstance(engine, CountingEngine) else engine, name="jax:tiny")
+    cache = CallCache(str(out / "calls.sqlite"))
+    simulator = Role("simulator", backend, cache)
+    judge = Judge(Role("judge", judge_backend or backend, cache), cfg.judge.resolved_method())
+    return EvalRunner(cfg, cases, engine, simulator, judge, str(out), protocol_card(cfg, "tiny", backend.name,
+                                                                                     backend.name))
+
+
+def _records(out):
+    with open(out / RECORDS_FILE) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_lockstep_batch_equals_each_case_alone(engine, tmp_path):
+    cfg = _config()
+    cases = load_cases(ALOE_DATA, 3)
+    counting = CountingEngine(engine)
+    _runner(counting, cfg, cases, tmp_path / "batch").run(show_progress=False)
+    assert counting.batches == [3, 3]  # one batch per turn with every case in it
+    batched = {(r["case_id"], r["turn"]): r for r in _records(tmp_path / "batch")}
+    assert len(batched) == 6
+    for i, case in enumerate(cases):
+        _runner(engine, cfg, [case], tmp_path / f"alone{i}").run(show_progress=False)
+        for alone in _records(tmp_path / f"alone{i}"):
+            together = batched[(alone["case_id"], alone["turn"])]
+            assert alone["user"] == together["user"] and alone["assistant"] == together["assistant"]
+            assert alone["score"] == together["score"]
+            assert alone["expected_score"] == pytest.approx(together["expected_score"], abs=1e-4)
+    # The transcripts are real text that differs between cases, so equality above is not trivially true.
+    assert all(r["user"] and r["assistant"] for r in batched.values())
+    assert len({r["user"] for r in batched.values()}) > 1
+    assert all(r["judge"]["method"] == "logprobs" and len(r["judge"]["option_logprobs"]) == 5
+               for r in batched.values())
+
+
+def test_kill_and_resume_gives_identical_records(engine, tmp_path):
+    # A sampling simulator: only seeds derived from (run seed, role, turn) make the resumed run match.
+    cfg = _config(simulator_temperature=0.8)
+    cases = load_cases(ALOE_DATA, 3)
+    _runner(engine, cfg, cases, tmp_path / "whole").run(show_progress=False)
+    expected = _records(tmp_path / "whole")
+    assert len(expected) == 6
+
+    out = tmp_path / "killed"
+    crashing = CrashingBackend(JaxBackend(engine=engine, name="jax:tiny"), crash_at=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _runner(engine, cfg, cases, out, judge_backend=crashing).run(show_progress=False)
+    assert len(_records(out)) == 3  # turn 1 committed, turn 2 died in the judge
+    with open(out / RECORDS_FILE, "ab") as f:
+        f.write(b'{"case_id": "profile00-personality0", "turn": 2, "us')  # a kill during a write tears a line
+
+    counting = CountingEngine(engine)
+    stats = _runner(counting, cfg, cases, out).run(show_progress=False)
+    assert stats.turns_at_start == 3 and stats.turns_done == 3
+    assert counting.batches == [3]  # turn 2 only: turn 1 was not redone
+    assert _records(out) == expected
+
+    # Finished: a rerun does nothing; the same folder with other settings is refused, not mixed.
+    assert _runner(engine, cfg, cases, out).run(show_progress=False).turns_done == 0
+    with pytest.raises(ConfigError, match="seed"):
+        _runner(engine, _config(simulator_temperature=0.8, seed=1), cases, out).run(show_progress=False)
+
+
+def _write_run(folder, model, scores, expected=None):
+    """A run folder written by hand: scores[case][turn] (None = missing)."""
+    folder.mkdir(parents=True)
+    card = {"model": model, "turns": len(scores[0]), "cases": len(scores), "prompt_hash": "abc", "simulator": "s",
+            "judge": "j", "judge_method": "text"}
+    (folder / "protocol.json").write_text(json.dumps(card))
+    lines = []
+    for i, row in enumerate(scores):
+        for k, score in enumerate(row, start=1):
+            lines.append(json.dumps({"case_id": f"c{i}", "turn": k, "score": score,
+                                     "expected_score": None if expected is None else expected[i][k - 1]}))
+    (folder / RECORDS_FILE).write_text("\n".join(lines) + "\n")
+
+
+def test_report_and_compare(tmp_path):
+    # AL = [(2+4)/2, 4/1, (4+5)/2] = [3, 4, 4.5] with one missing turn; AVG = 11.5/3; slope (4.5−3)/2 = .75.
+    _write_run(tmp_path / "base", "base-model", [[2, 4, 4], [4, None, 5]])
+    summary = report.write_report(str(tmp_path / "base"), n_resamples=100)
+    np.testing.assert_allclose(summary.al, [3, 4, 4.5])
+    text = (tmp_path / "base" / report.REPORT_FILE).read_text()
+    assert "| 1 | 3.000 |" in text and "| 2 | 4.000 |" in text and "| 3 | 4.500 |" in text
+    assert "| AVG (mean of AL(k)) | 3.833 |" in text and "+0.7500" in text and "1 of 6 case-turns" in text
+    assert "**model**: `base-model`" in text
+    png = (tmp_path / "base" / report.PLOT_FILE).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    saved = json.loads((tmp_path / "base" / report.SUMMARY_FILE).read_text())
+    assert saved["score"]["al"] == [3.0, 4.0, 4.5] and saved["expected_score"] is None
+
+    # The tuned run scores one point lower on every turn of both shared cases: ΔAVG = −1 on every resample.
+    _write_run(tmp_path / "tuned", "tuned-model", [[1, 3, 3], [3, None, 4], [1, 1, 1]])
+    text = report.compare([str(tmp_path / "base"), str(tmp_path / "tuned")], str(tmp_path / "cmp"), 100)
+    assert "| tuned | 2 | 3 | -1.000 [-1.000, -1.000] |" in text
+    assert "| tuned | tuned-model | 3 |" in text
+    assert (tmp_path / "cmp" / report.PLOT_FILE).exists()
+    with pytest.raises(ConfigError, match="at least two"):
+        report.compare([str(tmp_path / "base")], str(tmp_path / "cmp"))
+
+
+def _save_trainer_checkpoint(run_dir, model_cfg, tokenizer):
+    """A run folder on gs:// as the trainer leaves it: run files plus an Orbax checkpoint of a fresh model."""
+    from flax import nnx
+
+    from aloe_jax.data.pipeline import DataConfig
+    from aloe_jax.models import sharding
+    from aloe_jax.models.decoder import Decoder
+    from aloe_jax.train.checkpoint import Checkpointer, write_run_files
+    from aloe_jax.train.config import TrainConfig
+    from aloe_jax.train.trainer import Trainer
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+    train_cfg = TrainConfig(output_dir=run_dir, data=DataConfig(path="unused.jsonl", seq_len=64, max_pairs=1),
+                            batch_size=8)
+    trainer = Trainer(train_cfg, sharding.shard_model(Decoder(model_cfg, nnx.Rngs(0)), mesh), mesh, total_steps=1)
+    checkpointer = Checkpointer(run_dir)
+    write_run_files(run_dir, "sft", "tiny", model_cfg, tokenizer)
+    checkpointer.save(trainer.init_state(), None, {"note": "eval test"})
+    checkpointer.wait()
+    checkpointer.close()
+
+
+def test_cli_eval_of_trainer_checkpoint_on_gcs_and_errors(engine, gcs_emulator, tmp_path, capsys):
+    from aloe_jax.sampling.sampler import SamplingParams
+
+    model = f"{gcs_emulator}/eval/trainer-run"
+    # Same config and init seed as the `engine` fixture: the checkpoint holds exactly that model's weights.
+    _save_trainer_checkpoint(model, engine.model.cfg, engine.tokenizer)
+    out = tmp_path / "run"
+    argv = ["eval", "--model", model, "--simulator", model, "--judge", model, "--out", str(out), "--aloe-data",
+            ALOE_DATA, "--cases", "2", "--turns", "2", "--quiet", "model.generation.max_tokens=8",
+            "simulator.generation.max_tokens=8", "bootstrap_resamples=50"]
+    assert main(argv) == 0
+    records = _records(out)
+    assert sorted((r["case_id"], r["turn"]) for r in records) == [
+        ("profile00-personality0", 1), ("profile00-personality0", 2),
+        ("profile00-personality1", 1), ("profile00-personality1", 2)]
+    assert all(1 <= r["score"] <= 5 for r in records)
+    # The model under test really is the checkpoint: its greedy turn-1 replies are the in-memory model's.
+    first = [r for r in records if r["turn"] == 1]
+    direct = engine.reply([[{"role": "user", "content": r["user"]}] for r in first],
+                          SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert [d.text for d in direct] == [r["assistant"] for r in first]
+    card = json.loads((out / "protocol.json").read_text())
+    assert card["model"] == model and card["judge"] == f"jax:{model}" and card["judge_method"] == "logprobs"
+    assert "(mesh)" in card["devices"]  # 8 forced CPU devices: the batch is spread over a mesh
+    assert (out / report.REPORT_FILE).exists() and (out / report.PLOT_FILE).exists()
+    capsys.readouterr()
+
+    assert main(argv[:-4] + ["--cases", "0"]) == 2
+    assert "cases" in capsys.readouterr().err
+    assert main(argv[:-4] + ["--seed", "5"]) == 2
+    assert "seed" in capsys.readouterr().err.splitlines()[-1]
+    missing = str(tmp_path / "nope")
+    assert main(["eval", "--model", missing, "--out", str(tmp_path / "x"), "--aloe-data", ALOE_DATA]) == 2
+    assert "nope" in capsys.readouterr().err
