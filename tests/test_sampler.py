@@ -186,6 +186,16 @@ def test_option_scores_equal_full_forward_log_probs(model):
             assert abs(scores[i, j] - expected) <= 1e-5, (i, j)
 
 
+def test_single_token_options_scored_in_one_row_per_prompt_equal_the_pairwise_path(model):
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    single = [[7], [11], [], [150]]
+    fast = score_options(model, prompts, single, batch_size=2)  # one row per prompt
+    # A two-token dummy option forces one row per (prompt, option) pair; its column is dropped.
+    pairwise = score_options(model, prompts, single + [[3, 4]], batch_size=5)[:, :4]
+    np.testing.assert_allclose(fast, pairwise, atol=1e-5)
+    assert (fast[:, 2] == 0).all() and (fast[:, [0, 1, 3]] < 0).all()
+
+
 def test_mesh_sharded_greedy_equals_single_device(folder, free_greedy):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     cfg = read_hf_config(folder)

@@ -34,3 +34,16 @@ def test_hf_folder_exports_to_and_loads_from_gcs(tiny_model_dirs, gcs_emulator, 
     a, _ = model(tokens, masks.positions_from_valid(valid), masks.causal_mask(valid))
     b, _ = again(tokens, masks.positions_from_valid(valid), masks.causal_mask(valid))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_atomic_writes_get_umask_permissions(tmp_path):
+    import os
+
+    from aloe_jax import storage
+
+    old = os.umask(0o022)
+    try:
+        storage.write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644

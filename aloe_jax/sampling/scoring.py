@@ -30,6 +30,15 @@ def _row_logprobs(graphdef, state, tokens, valid, starts, targets, target_valid)
     return jnp.sum(jnp.where(target_valid, logps, 0.0), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token_logprobs(graphdef, state, tokens, valid, starts, option_ids):
+    """`[rows, n_options]` log-probs of single-token options `[n_options]` as the token after position `starts`."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(tokens, masks.positions_from_valid(valid), masks.causal_mask(valid))
+    logits = model.logits(jnp.take_along_axis(hidden, starts[:, None, None], axis=1))[:, 0]  # [rows, vocab]
+    return jax.nn.log_softmax(logits, axis=-1)[:, option_ids]
+
+
 def _check(sequences: list[list[int]], what: str, vocab: int, allow_empty: bool) -> None:
     for i, seq in enumerate(sequences):
         if not seq:
@@ -45,12 +54,16 @@ def score_options(model: Decoder, prompts: list[list[int]], options: list[list[i
                   pad_id: int = 0) -> np.ndarray:
     """`[n_prompts, n_options]` float32: total log-probability of each option's tokens following each prompt.
 
-    Every (prompt, option) pair is one right-padded row; rows go through the model `batch_size` at a time, with rows
-    and lengths rounded up to buckets so that repeated calls reuse a few compiled shapes. An empty option scores 0.
+    When every option is at most one token (a judge's "1".."5", "A"/"B"), each prompt is one row and one forward
+    scores all its options. Otherwise every (prompt, option) pair is one right-padded row. Rows go through the model
+    `batch_size` at a time, with rows and lengths rounded up to buckets so that repeated calls reuse a few compiled
+    shapes. An empty option scores 0.
     """
     vocab = model.cfg.vocab_size
     _check(prompts, "prompt", vocab, allow_empty=False)
     _check(options, "option", vocab, allow_empty=True)
+    if prompts and options and all(len(o) <= 1 for o in options):
+        return _score_single_tokens(model, prompts, options, batch_size, pad_id)
     pairs = [(p, o) for p in prompts for o in options]
     if not pairs:
         return np.zeros((len(prompts), len(options)), np.float32)
@@ -77,3 +90,28 @@ def score_options(model: Decoder, prompts: list[list[int]], options: list[list[i
         logps = _row_logprobs(graphdef, state, tokens, valid, starts, targets, target_valid)
         scores.append(np.asarray(logps)[:len(chunk)])
     return np.concatenate(scores).reshape(len(prompts), len(options))
+
+
+def _score_single_tokens(model: Decoder, prompts: list[list[int]], options: list[list[int]], batch_size: int,
+                         pad_id: int) -> np.ndarray:
+    """score_options when no option is longer than one token: one row per prompt instead of one per pair."""
+    graphdef, state = nnx.split(model)
+    seq_len = bucket(max(len(p) for p in prompts), 16)
+    option_ids = np.asarray([o[0] if o else 0 for o in options], np.int32)
+    scores = []
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first:first + batch_size]
+        rows = bucket(len(chunk), 1)
+        tokens = np.full((rows, seq_len), pad_id, np.int32)  # [rows, seq], right-padded
+        valid = np.zeros((rows, seq_len), bool)
+        valid[:, 0] = True
+        starts = np.zeros(rows, np.int32)
+        for row, prompt in enumerate(chunk):
+            tokens[row, :len(prompt)] = prompt
+            valid[row, :len(prompt)] = True
+            starts[row] = len(prompt) - 1
+        logps = _next_token_logprobs(graphdef, state, tokens, valid, starts, option_ids)
+        scores.append(np.asarray(logps)[:len(chunk)])
+    out = np.concatenate(scores)
+    out[:, [i for i, o in enumerate(options) if not o]] = 0.0  # an empty option adds nothing
+    return out.astype(np.float32)
