@@ -14,6 +14,10 @@ EXIT_USER_ERROR = 2
 # Modules that add their own subcommands: each defines `register(commands)` taking the argparse sub-parsers object
 # and setting `run=<function(args)>` on every parser it adds. Imports inside them stay lazy (no jax at parse time).
 COMMAND_MODULES: tuple[str, ...] = (
+    "data_pipeline.cli",
+    "aloe_jax.eval.cli",
+    "aloe_jax.train.cli",
+    "aloe_jax.quickstart",
 )
 
 

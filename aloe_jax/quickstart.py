@@ -1,0 +1,124 @@
+"""`aloe-jax quickstart`: the whole pipeline at toy scale on the embedded SmolLM2, with no API key.
+
+personas (a handful grown from ALOE seeds) → preference trees (a few conversations × 3 turns) → SFT → DPO → ALOE
+evaluation of base, SFT and DPO on a few cases → one comparison report with the AL(k) plot.
+
+Each stage runs the real `aloe-jax` subcommand with toy-sized overrides, so what the quickstart does is exactly what a
+user would type (the commands are printed, and written to `<out>/commands.sh`). Every stage resumes: rerunning the
+quickstart with the same `--out` after an interruption skips finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import time
+
+from aloe_jax.errors import AloeError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns: int, conversations: int,
+                    train_steps: int) -> list[tuple[str, list[str]]]:
+    """(stage name, argv) in order. Sizes are chosen so the whole run fits minutes on a 2-core CPU."""
+    source = [f"aloe_source={aloe_data}"] if aloe_data else []
+    datagen = [
+        *source, f"cache={out / 'calls.sqlite'}",
+        # Short replies: SmolLM2 on a CPU decodes ~25 tokens/s per conversation.
+        "roles.persona_generator.generation.max_tokens=96", "roles.user.generation.max_tokens=48",
+        "roles.extractor.generation.max_tokens=48", "roles.hinted.generation.max_tokens=64",
+        "roles.plain.generation.max_tokens=64",
+    ]
+
+    def personas(kind: str) -> list[str]:
+        return ["personas", f"--kind={kind}", *datagen, f"personas.seeds={out / 'personas' / f'seeds_{kind}.jsonl'}",
+                f"personas.output={out / 'personas' / f'{kind}.jsonl'}", f"personas.target_size={_SEEDS[kind] + 2}",
+                "personas.candidates_per_prompt=4", "personas.prompts_per_round=1", "personas.max_rounds=2",
+                "personas.examples_per_prompt=3"]
+
+    trees_file = out / "trees" / "trees.jsonl"
+    trees = [
+        f"trees.profiles={out / 'personas' / 'profile.jsonl'}",
+        f"trees.personalities={out / 'personas' / 'personality.jsonl'}",
+        f"trees.conversations={conversations}", f"trees.turns={turns}", f"trees.batch_size={conversations}",
+        f"trees.output={trees_file}", f"trees.state_dir={out / 'trees' / 'state'}",
+    ]
+    train = [
+        f"data.path={trees_file}", "data.seq_len=1024", "batch_size=2", "micro_batches=1",
+        "compute_dtype=float32", f"max_steps={train_steps}", f"checkpoint.every_steps={train_steps}",
+        "optim.lr=5e-5", "optim.warmup_ratio=0.0",
+    ]
+    evaluate = [f"--cases={cases}", f"--turns={turns}"] + ([f"--aloe-data={aloe_data}"] if aloe_data else [])
+    return [
+        ("personas (profiles)", personas("profile")),
+        ("personas (personalities)", personas("personality")),
+        ("trees", ["trees", *datagen, *trees]),
+        ("sft", ["sft", f"--config={CONFIGS / 'sft.yaml'}", *train, f"output_dir={out / 'sft'}"]),
+        ("dpo", ["dpo", f"--config={CONFIGS / 'dpo.yaml'}", *train, f"output_dir={out / 'dpo'}",
+                 f"model={out / 'sft'}"]),
+        ("eval base", ["eval", "--model=smollm2-135m", f"--out={out / 'eval' / 'base'}", *evaluate]),
+        ("eval sft", ["eval", f"--model={out / 'sft'}", f"--out={out / 'eval' / 'sft'}", *evaluate]),
+        ("eval dpo", ["eval", f"--model={out / 'dpo'}", f"--out={out / 'eval' / 'dpo'}", *evaluate]),
+        ("report", ["eval-compare", str(out / "eval" / "base"), str(out / "eval" / "sft"),
+                    str(out / "eval" / "dpo"), f"--out={out / 'report'}"]),
+    ]
+
+
+# How many ALOE train personas seed each pool: a handful, so the toy pool is grown by self-generation.
+_SEEDS = {"profile": 6, "personality": 4}
+
+
+def _write_seeds(out: pathlib.Path, aloe_data: str | None) -> None:
+    from data_pipeline.aloe_sources import load_pool
+
+    folder = out / "personas"
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, n in _SEEDS.items():
+        path = folder / f"seeds_{kind}.jsonl"
+        if not path.exists():
+            pool = load_pool(kind, "train", aloe_data)
+            path.write_text("".join(json.dumps(p) + "\n" for p in pool[:n]))
+
+
+def run(args: argparse.Namespace) -> None:
+    from aloe_jax import cli
+
+    for name in ("cases", "turns", "conversations", "train_steps"):
+        if getattr(args, name) <= 0:
+            raise AloeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    out = pathlib.Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_seeds(out, args.aloe_data)
+    stages = _stage_commands(out, args.aloe_data, args.cases, args.turns, args.conversations, args.train_steps)
+    (out / "commands.sh").write_text("".join("aloe-jax " + shlex.join(argv) + "\n" for _, argv in stages))
+    timings = []
+    start = time.monotonic()
+    for i, (name, argv) in enumerate(stages, 1):
+        print(f"\n== quickstart [{i}/{len(stages)}] {name}: aloe-jax {shlex.join(argv)}", flush=True)
+        t0 = time.monotonic()
+        code = cli.main(argv)
+        if code != 0:
+            raise AloeError(f"stage {name!r} failed (exit {code}); fix the error above and rerun the same command "
+                            "to resume")
+        timings.append((name, time.monotonic() - t0))
+    total = time.monotonic() - start
+    lines = ["| stage | seconds |", "|---|---|", *(f"| {n} | {s:.0f} |" for n, s in timings), f"| total | {total:.0f} |"]
+    (out / "timings.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"\nquickstart done in {total / 60:.1f} min: report {out / 'report'}, commands {out / 'commands.sh'}")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("quickstart", help="the whole pipeline at toy scale on the embedded SmolLM2")
+    parser.add_argument("--out", default="runs/quickstart", help="run folder (rerun to resume)")
+    parser.add_argument("--aloe-data", default=None,
+                        help="folder with the ALOE persona files (default: download the pinned revision)")
+    parser.add_argument("--cases", type=int, default=4, help="ALOE cases evaluated per model")
+    parser.add_argument("--turns", type=int, default=3, help="turns per conversation (trees and evaluation)")
+    parser.add_argument("--conversations", type=int, default=4, help="preference trees generated")
+    parser.add_argument("--train-steps", type=int, default=2, help="optimizer steps of SFT and of DPO")
+    parser.set_defaults(run=run)

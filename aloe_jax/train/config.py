@@ -1,0 +1,82 @@
+"""Typed config of an SFT or DPO run (configs/sft.yaml, configs/dpo.yaml + key=value overrides)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from aloe_jax.config import StrictModel
+from aloe_jax.data.pipeline import DataConfig
+from aloe_jax.models.sharding import MeshConfig
+
+Objective = Literal["sft", "dpo"]
+DType = Literal["float32", "bfloat16"]
+
+
+class OptimConfig(StrictModel):
+    """AdamW with global-norm clipping on a warmup + decay schedule."""
+
+    lr: float = pydantic.Field(1e-5, gt=0)  # ALOE's SFT and DPO learning rate
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int | None = pydantic.Field(None, ge=0)  # wins over warmup_ratio when set
+    warmup_ratio: float = pydantic.Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = pydantic.Field(0.0, ge=0, le=1)  # final lr = lr · min_lr_ratio
+    weight_decay: float = pydantic.Field(0.0, ge=0)
+    b1: float = pydantic.Field(0.9, ge=0, lt=1)
+    b2: float = pydantic.Field(0.999, ge=0, lt=1)
+    eps: float = pydantic.Field(1e-8, gt=0)
+    clip_norm: float = pydantic.Field(1.0, ge=0)  # 0 disables clipping
+
+
+class DPOConfig(StrictModel):
+    """DPO loss and its frozen reference model."""
+
+    beta: float = pydantic.Field(0.9, gt=0)  # ALOE's β
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = pydantic.Field(0.0, ge=0, lt=0.5)  # sigmoid only (conservative DPO)
+    reference: str | None = None  # model spec of the reference; None = the starting policy (`model`)
+
+
+class CheckpointConfig(StrictModel):
+    """Orbax checkpoints under `<output_dir>/checkpoints`."""
+
+    every_steps: int = pydantic.Field(100, gt=0)
+    max_to_keep: int | None = pydantic.Field(3, gt=0)  # None keeps every checkpoint
+    resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
+
+
+class LogConfig(StrictModel):
+    """Metrics JSONL + TensorBoard events under `<output_dir>/logs`, and the progress bar."""
+
+    every_steps: int = pydantic.Field(1, gt=0)
+    # Peak FLOP/s of one device for the MFU estimate; None looks the device kind up (CPU: MFU not reported).
+    peak_flops_per_device: float | None = pydantic.Field(None, gt=0)
+    progress_bar: bool = True
+
+
+class TrainConfig(StrictModel):
+    """One SFT or DPO run."""
+
+    objective: Objective = "sft"
+    model: str | None = None  # HF folder (local or gs://), a trainer checkpoint, or None for the embedded SmolLM2
+    output_dir: str  # local or gs://: checkpoints, the model's config + tokenizer, logs
+    param_dtype: DType = "float32"  # master weights and optimizer state
+    compute_dtype: DType = "bfloat16"  # activations and matmuls
+    remat: bool = False  # recompute block activations in the backward pass (less memory, ~1/3 more compute)
+    mesh: MeshConfig = MeshConfig()
+    batch_size: int = pydantic.Field(48, gt=0)  # global rows (packed conversation trees) per optimizer step
+    micro_batches: int = pydantic.Field(1, gt=0)  # gradient accumulation: batch_size / micro_batches rows per pass
+    max_steps: int | None = pydantic.Field(None, gt=0)  # None: as many steps as data.num_epochs give
+    seed: int = 0
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    dpo: DPOConfig = DPOConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _micro_batches_divide_batch(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
+        return self

@@ -1,0 +1,130 @@
+"""Training metrics: a JSONL file (one line per logged step, appended and flushed so a crash loses nothing), TensorBoard
+event files (tensorboardX, no TensorFlow needed) and a tqdm progress bar with loss, tokens/s and estimated MFU.
+
+Only process 0 writes. For a gs:// run folder the files are written to a local mirror and uploaded by `sync()`
+(called at every checkpoint), because neither appends nor event files can be streamed to Cloud Storage objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+
+from aloe_jax import storage
+from aloe_jax.models.config import ModelConfig
+
+LOG_DIR = "logs"
+METRICS_FILE = "metrics.jsonl"
+
+# Dense bf16 peak FLOP/s per device, by the start of `jax.Device.device_kind`. Longest prefixes are tried first.
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(override: float | None = None) -> float | None:
+    """Peak FLOP/s of one local device: `override`, else the table entry for its kind, else None (e.g. CPU)."""
+    if override:
+        return override
+    kind = jax.devices()[0].device_kind
+    for prefix in sorted(PEAK_FLOPS_BY_DEVICE_KIND, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS_BY_DEVICE_KIND[prefix]
+    return None
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, objective: str) -> float:
+    """Model FLOPs per packed token of one optimizer step: 6·N for the matmuls (forward + backward) plus attention
+    scores over the full sequence, and for DPO one more forward (2·N + attention) through the reference model."""
+    # The input embedding is a lookup, not a matmul; a tied embedding is counted once, as the output head.
+    matmul_params = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # QK^T and PV, forward
+    forward = 2 * matmul_params + attention
+    return 3 * forward + (forward if objective == "dpo" else 0)
+
+
+class MetricsLogger:
+    """Writes each logged step's metrics to JSONL and TensorBoard and shows progress (process 0 only)."""
+
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, flops_per_token: float,
+                 peak_flops: float | None, progress_bar: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.remote = storage.join(output_dir, LOG_DIR) if storage.is_gcs(output_dir) else None
+        if self.remote:
+            digest = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
+            self.log_dir = str(storage.cache_dir() / "runs" / digest / LOG_DIR)
+        else:
+            self.log_dir = os.path.join(output_dir, LOG_DIR)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops * jax.device_count() if peak_flops else None
+        self._last_time = time.perf_counter()
+        self._tokens = 0.0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        os.makedirs(self.log_dir, exist_ok=True)
+        if self.remote and storage.exists(storage.join(self.remote, METRICS_FILE)):
+            # Resuming a gs:// run on a fresh machine: continue the uploaded file instead of replacing it.
+            storage.write_bytes(os.path.join(self.log_dir, METRICS_FILE),
+                                storage.read_bytes(storage.join(self.remote, METRICS_FILE)))
+        self._jsonl = open(os.path.join(self.log_dir, METRICS_FILE), "a", encoding="utf-8")
+        self._writer = SummaryWriter(self.log_dir)
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress_bar,
+                         dynamic_ncols=True)
+
+    def add_tokens(self, tokens: float) -> None:
+        """Count tokens processed since the last log line (for tokens/s)."""
+        self._tokens += tokens
+
+    def log(self, step: int, metrics: dict[str, float], steps_done: int = 1) -> dict[str, float]:
+        """Record `metrics` of optimizer step `step` (1-based); returns them with throughput added."""
+        now = time.perf_counter()
+        seconds, self._last_time = max(now - self._last_time, 1e-9), now
+        record = {"step": step, **metrics, "tokens_per_s": self._tokens / seconds}
+        if self.peak_flops:
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
+        self._tokens = 0.0
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in record.items():
+            if name != "step":
+                self._writer.add_scalar(f"train/{name}", value, step)
+        mfu = f"{record['mfu']:.1%}" if "mfu" in record else "n/a"
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=mfu,
+                              refresh=False)
+        self._bar.update(steps_done)
+        return record
+
+    def sync(self) -> None:
+        """Flush the files, and upload them when the run folder is on gs://."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        self._writer.flush()
+        if self.remote:
+            storage.upload_dir(self.log_dir, self.remote)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.sync()
+        self._bar.close()
+        self._writer.close()
+        self._jsonl.close()

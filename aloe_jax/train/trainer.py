@@ -1,0 +1,144 @@
+"""The training loop shared by SFT and DPO: model + data + jit'd step + checkpoints + metrics.
+
+`Trainer` holds what is fixed for a run (optimizer, shardings, the compiled step); `run` wires it to the data
+pipeline, the checkpoints and the logs, resuming from the latest checkpoint of the run folder when there is one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from aloe_jax.errors import ConfigError
+from aloe_jax.models import sharding
+from aloe_jax.models.decoder import Decoder
+from aloe_jax.train import optim
+from aloe_jax.train.config import TrainConfig
+from aloe_jax.train.step import TrainState, compile_train_step, init_state, make_train_step, state_shardings
+
+
+class Trainer:
+    """Optimizer, shardings and the compiled step of one run: `init_state()`, then `step(state, batch)`."""
+
+    def __init__(self, cfg: TrainConfig, model: Decoder, mesh: Mesh, total_steps: int,
+                 ref_model: Decoder | None = None):
+        rows_per_pass = cfg.batch_size // cfg.micro_batches
+        batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        if rows_per_pass % batch_devices:
+            raise ConfigError(
+                f"batch_size / micro_batches = {rows_per_pass} rows per pass must be divisible by mesh data × fsdp "
+                f"= {batch_devices}; change batch_size, micro_batches or mesh"
+            )
+        self.cfg, self.mesh, self.total_steps, self.model_cfg = cfg, mesh, total_steps, model.cfg
+        self.graphdef, self._params = nnx.split(model)
+        self.param_shardings = sharding.state_shardings(model, mesh)
+        self.schedule = optim.learning_rate_schedule(cfg.optim, total_steps)
+        self.tx = optim.make_optimizer(cfg.optim, total_steps)
+        self.ref_params = None
+        if cfg.objective == "dpo":
+            # A frozen copy of its own: the policy's buffers are donated to (and overwritten by) every step.
+            self.ref_params = nnx.split(ref_model)[1] if ref_model is not None else jax.tree.map(jnp.copy, self._params)
+        abstract = jax.eval_shape(lambda p: init_state(p, self.tx, cfg.seed), self._params)
+        self.shardings = state_shardings(self.param_shardings, abstract, self.tx, mesh)
+        self.abstract_state = jax.tree.map(
+            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract, self.shardings)
+        self._step_fn = make_train_step(self.graphdef, self.tx, self.schedule, cfg.objective, cfg.dpo,
+                                        cfg.micro_batches, mesh)
+        self._compiled = None
+
+    def init_state(self) -> TrainState:
+        """Step 0 state placed on the mesh (takes over the model's parameter buffers)."""
+        params, self._params = self._params, None
+        init = jax.jit(lambda p: init_state(p, self.tx, self.cfg.seed), out_shardings=self.shardings,
+                       donate_argnums=(0,))
+        return init(params)
+
+    def release_initial_params(self) -> None:
+        """Drop the model's starting parameters when the state comes from a checkpoint instead."""
+        self._params = None
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch (jax.Arrays over the mesh); `state` is donated."""
+        if self._compiled is None:
+            ref_shardings = self.param_shardings if self.ref_params is not None else None
+            jitted = compile_train_step(self._step_fn, self.shardings, batch, ref_shardings, self.mesh)
+            self._compiled = jitted.lower(state, batch, self.ref_params).compile()
+            if jax.process_count() > 1:
+                # Processes finish compiling at different times; the first collective of the step gives its peers
+                # only ~30 s (gloo on CPU) to join, so start the first step together.
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("aloe_jax train step compiled")
+        return self._compiled(state, batch, self.ref_params)
+
+
+def _load(spec: str | None, cfg: TrainConfig, mesh: Mesh):
+    from aloe_jax.models.decoder import RuntimeOptions
+    from aloe_jax.models.loader import load_model
+
+    return load_model(spec, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype, mesh=mesh,
+                      options=RuntimeOptions(remat=cfg.remat))
+
+
+def run(cfg: TrainConfig) -> dict[str, float]:
+    """Train as `cfg` says (resuming when the run folder has a checkpoint); returns the last logged metrics."""
+    from aloe_jax import distributed
+    from aloe_jax.data import pipeline
+    from aloe_jax.models.loader import DEFAULT_MODEL
+    from aloe_jax.train.checkpoint import Checkpointer, write_run_files
+    from aloe_jax.train.logging import MetricsLogger, peak_flops_per_device, train_flops_per_token
+
+    distributed.maybe_initialize()
+    mesh = sharding.make_mesh(cfg.mesh)
+    model, tokenizer = _load(cfg.model, cfg, mesh)
+    ref_model = _load(cfg.dpo.reference, cfg, mesh)[0] if cfg.objective == "dpo" and cfg.dpo.reference else None
+    data_steps = pipeline.count_steps(cfg.data, cfg.batch_size)
+    total_steps = min(cfg.max_steps, data_steps) if cfg.max_steps else data_steps
+    trainer = Trainer(cfg, model, mesh, total_steps, ref_model)
+    batches = iter(pipeline.tree_batches(cfg.data, tokenizer, cfg.batch_size))
+
+    checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
+    latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+        state = checkpointer.restore(latest, trainer.abstract_state, batches)
+        trainer.release_initial_params()
+        print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
+    else:
+        state = trainer.init_state()
+        write_run_files(cfg.output_dir, cfg.objective, cfg.model or DEFAULT_MODEL, model.cfg, tokenizer)
+    del model  # its buffers now belong to `state`
+
+    start = int(jax.device_get(state.step))
+    logger = MetricsLogger(cfg.output_dir, total_steps, start,
+                           train_flops_per_token(trainer.model_cfg, cfg.data.seq_len, cfg.objective),
+                           peak_flops_per_device(cfg.log.peak_flops_per_device), cfg.log.progress_bar)
+    report = pipeline.PackingReport()
+    meta = {"config": cfg.model_dump(mode="json")}
+    record: dict[str, float] = {}
+    pending: list[dict] = []
+    try:
+        for step in range(start + 1, total_steps + 1):
+            local = next(batches)
+            report.update(local)
+            for name in pipeline.STAT_FIELDS:
+                local.pop(name)
+            state, metrics = trainer.step(state, pipeline.global_batch(local, mesh))
+            pending.append(metrics)
+            if step % cfg.log.every_steps == 0 or step == total_steps:
+                host = jax.device_get(pending)  # the only device→host sync of the loop
+                logger.add_tokens(sum(float(m["tokens"]) for m in host))
+                record = logger.log(step, {k: float(v) for k, v in host[-1].items()}, len(host))
+                pending = []
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                checkpointer.save(state, batches, meta)
+                logger.sync()
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+    if jax.process_index() == 0:
+        print(report.summary(), flush=True)
+        print(f"done: {total_steps} steps; checkpoints in {checkpointer.directory}", flush=True)
+    return record
