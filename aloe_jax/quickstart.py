@@ -28,9 +28,10 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
     source = [f"aloe_source={aloe_data}"] if aloe_data else []
     datagen = [
         *source, f"cache={out / 'calls.sqlite'}",
-        # Short replies: SmolLM2 on a CPU decodes ~25 tokens/s per conversation.
-        "roles.persona_generator.generation.max_tokens=96", "roles.user.generation.max_tokens=48",
-        "roles.extractor.generation.max_tokens=48", "roles.hinted.generation.max_tokens=64",
+        # Short replies: SmolLM2 on a CPU decodes ~25 tokens/s per conversation. One budget for all roles, so they
+        # share compiled sampler programs.
+        "roles.persona_generator.generation.max_tokens=64", "roles.user.generation.max_tokens=64",
+        "roles.extractor.generation.max_tokens=64", "roles.hinted.generation.max_tokens=64",
         "roles.plain.generation.max_tokens=64",
     ]
 
@@ -52,7 +53,8 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
         "compute_dtype=float32", f"max_steps={train_steps}", f"checkpoint.every_steps={train_steps}",
         "optim.lr=5e-5", "optim.warmup_ratio=0.0",
     ]
-    evaluate = [f"--cases={cases}", f"--turns={turns}"] + ([f"--aloe-data={aloe_data}"] if aloe_data else [])
+    evaluate = [f"--cases={cases}", f"--turns={turns}", *([f"--aloe-data={aloe_data}"] if aloe_data else []),
+                "model.generation.max_tokens=64", "simulator.generation.max_tokens=64", "judge.history_turns=1"]
     return [
         ("personas (profiles)", personas("profile")),
         ("personas (personalities)", personas("personality")),
