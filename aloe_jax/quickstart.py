@@ -28,11 +28,11 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
     source = [f"aloe_source={aloe_data}"] if aloe_data else []
     datagen = [
         *source, f"cache={out / 'calls.sqlite'}",
-        # Short replies: SmolLM2 on a CPU decodes ~25 tokens/s per conversation. One budget for all roles, so they
-        # share compiled sampler programs.
-        "roles.persona_generator.generation.max_tokens=64", "roles.user.generation.max_tokens=64",
-        "roles.extractor.generation.max_tokens=64", "roles.hinted.generation.max_tokens=64",
-        "roles.plain.generation.max_tokens=64",
+        # Short replies: on a 2-core CPU a turn's cost is mostly prefilling the roles' prompts, which grow with every
+        # reply. One budget for the conversation roles, so they share compiled sampler programs; the persona
+        # generator writes several personas in one reply and gets more.
+        "roles.persona_generator.generation.max_tokens=64", f"roles.user.generation.max_tokens={_USER_TOKENS}",
+        *(f"roles.{role}.generation.max_tokens={_REPLY_TOKENS}" for role in ("extractor", "hinted", "plain")),
     ]
 
     def personas(kind: str) -> list[str]:
@@ -49,12 +49,14 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
         f"trees.output={trees_file}", f"trees.state_dir={out / 'trees' / 'state'}",
     ]
     train = [
-        f"data.path={trees_file}", "data.seq_len=1024", "batch_size=2", "micro_batches=1",
+        # 3-turn trees of 48-token replies pack into ~600 tokens; anything longer would be cut (and reported).
+        f"data.path={trees_file}", "data.seq_len=768", "batch_size=2", "micro_batches=1",
         "compute_dtype=float32", f"max_steps={train_steps}", f"checkpoint.every_steps={train_steps}",
         "optim.lr=5e-5", "optim.warmup_ratio=0.0",
     ]
     evaluate = [f"--cases={cases}", f"--turns={turns}", *([f"--aloe-data={aloe_data}"] if aloe_data else []),
-                "model.generation.max_tokens=64", "simulator.generation.max_tokens=64", "judge.history_turns=1"]
+                f"model.generation.max_tokens={_REPLY_TOKENS}", f"simulator.generation.max_tokens={_USER_TOKENS}",
+                "judge.history_turns=1"]
     return [
         ("personas (profiles)", personas("profile")),
         ("personas (personalities)", personas("personality")),
@@ -69,6 +71,10 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
                     str(out / "eval" / "dpo"), f"--out={out / 'report'}"]),
     ]
 
+
+# Token budgets of the quickstart's replies: assistant-side roles (extractor, responders, model under test) and the
+# simulated user, whose messages are short as real users' are.
+_REPLY_TOKENS, _USER_TOKENS = 48, 32
 
 # How many ALOE train personas seed each pool: a handful, so the toy pool is grown by self-generation.
 _SEEDS = {"profile": 6, "personality": 4}

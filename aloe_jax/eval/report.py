@@ -52,6 +52,7 @@ def load_run(folder: str, label: str | None = None) -> LoadedRun:
 def _num(x: float, digits: int = 3, signed: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
+    x = round(float(x), digits) + 0.0  # a slope of -1e-17 (or -0.0) reads as 0, not "-0.000"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 

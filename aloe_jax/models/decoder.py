@@ -74,13 +74,24 @@ def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     """
     b, t, h, hd = q.shape
     kv = k.shape[1]
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(hd**-0.5)
+    g = h // kv
     large_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    logits = jnp.where(mask[:, None, None], logits, large_negative)
+    scale = jnp.float32(hd**-0.5)
+    if t == 1:  # decode: the 5-d einsum measured fastest here (batch 32: 108 vs 92 tokens/s for the form below)
+        qg = q.reshape(b, t, kv, g, hd)
+        logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(mask[:, None, None], logits, large_negative)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
+    # Prefill: queries as [B, K, G·T, hd] (a small copy) so that both products are plain batched matmuls over (row,
+    # KV head); as one 5-d einsum, XLA on CPU copied and transposed the [.., T, S] logits of every layer several times.
+    qg = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * scale
+    visible = jnp.broadcast_to(mask[:, None], (b, g, t, mask.shape[-1])).reshape(b, 1, g * t, mask.shape[-1])
+    logits = jnp.where(visible, logits, large_negative)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, K, G·T, hd]
+    return out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
 class Attention(nnx.Module):
