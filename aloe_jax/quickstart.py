@@ -53,6 +53,9 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
         f"data.path={trees_file}", "data.seq_len=768", "batch_size=2", "micro_batches=1",
         "compute_dtype=float32", f"max_steps={train_steps}", f"checkpoint.every_steps={train_steps}",
         "optim.lr=5e-5", "optim.warmup_ratio=0.0",
+        # 2 rows per step cannot be split over many data-parallel devices: on a multi-device host, shard the toy
+        # model's weights over all of them instead (one device: the same 1×1×1 mesh).
+        "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1",
     ]
     evaluate = [f"--cases={cases}", f"--turns={turns}", *([f"--aloe-data={aloe_data}"] if aloe_data else []),
                 f"model.generation.max_tokens={_REPLY_TOKENS}", f"simulator.generation.max_tokens={_USER_TOKENS}",
