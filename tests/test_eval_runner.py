@@ -12,7 +12,7 @@ from aloe_jax.eval import report
 from aloe_jax.eval.cases import build_cases, load_cases
 from aloe_jax.eval.config import EvalConfig
 from aloe_jax.eval.judge import Judge
-from aloe_jax.eval.runner import RECORDS_FILE, EvalRunner, protocol_card
+from aloe_jax.eval.runner import RECORDS_FILE, TIMINGS_FILE, EvalRunner, protocol_card, total_seconds
 from aloe_jax.llm.cache import CallCache
 from aloe_jax.llm.jax_backend import JaxBackend
 from aloe_jax.llm.roles import Role
@@ -145,6 +145,10 @@ def test_kill_and_resume_gives_identical_records(engine, tmp_path):
     assert stats.turns_at_start == 3 and stats.turns_done == 3
     assert counting.batches == [3]  # turn 2 only: turn 1 was not redone
     assert _records(out) == expected
+    # Compute time survives the interruption: one timing line per committed turn, from both invocations.
+    timed = [json.loads(line)["turn"] for line in (out / TIMINGS_FILE).read_text().splitlines()]
+    total, per_role = total_seconds(str(out))
+    assert timed == [1, 2] and set(per_role) == {"simulator", "model", "judge"} and total > 0
 
     # Finished: a rerun does nothing; the same folder with other settings is refused, not mixed.
     assert _runner(engine, cfg, cases, out).run(show_progress=False).turns_done == 0

@@ -47,7 +47,7 @@ def load_eval_config(args: argparse.Namespace):
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from aloe_jax.eval.report import REPORT_FILE, write_report
-    from aloe_jax.eval.runner import build_runner
+    from aloe_jax.eval.runner import build_runner, total_seconds
     from aloe_jax.llm.usage import UsageMeter
 
     cfg = load_eval_config(args)
@@ -55,6 +55,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     runner = build_runner(cfg, args.out, meter)
     stats = runner.run(show_progress=not args.quiet)
     timing = stats.table()
+    total, per_role = total_seconds(args.out)
+    timing += (f"\nall invocations: {total:.0f} s on committed turns ("
+               + ", ".join(f"{role} {s:.0f} s" for role, s in per_role.items()) + ")")
     summary = write_report(args.out, cfg.bootstrap_resamples, cfg.seed,
                            extra={"Timing (this invocation)": timing, "Usage (this invocation)": meter.table()})
     print(timing)

@@ -38,6 +38,9 @@ from aloe_jax.sampling.sampler import SamplingParams
 from data_pipeline import jsonl_log
 
 RECORDS_FILE = "turns.jsonl"
+# One line per finished (turn, batch): seconds each role took. Kept across reruns so a run that was interrupted and
+# resumed still tells how much compute the whole evaluation cost.
+TIMINGS_FILE = "timings.jsonl"
 PROTOCOL_FILE = "protocol.json"
 CALLS_FILE = "calls.sqlite"
 # protocol.json keys that may change between reruns of one folder: the run covers more or fewer cases/turns, or moves
@@ -134,6 +137,9 @@ class EvalRunner:
             records = self.run_turn(active, [done[c.case_id] for c in active], turn,
                                     stats.role_seconds.setdefault(turn, {}))
             jsonl_log.append(self.records_path, records)
+            jsonl_log.append(os.path.join(self.out_dir, TIMINGS_FILE),
+                             [{"turn": turn, "cases": len(active), "seconds": stats.role_seconds[turn],
+                               "finished_at": time.time()}])
             for case, record in zip(active, records):
                 done[case.case_id].append(record)
             bar.update(len(active))
@@ -188,6 +194,16 @@ class EvalRunner:
         for past_user, past_reply in pairs:
             messages += [{"role": "user", "content": past_user}, {"role": "assistant", "content": past_reply}]
         return messages + [{"role": "user", "content": user}]
+
+
+def total_seconds(out_dir: str) -> tuple[float, dict[str, float]]:
+    """Seconds spent on committed turns over every invocation of a run folder: total and per role."""
+    path = os.path.join(out_dir, TIMINGS_FILE)
+    per_role: dict[str, float] = {}
+    for line in jsonl_log.read_complete(path) if os.path.exists(path) else []:
+        for role, seconds in line["seconds"].items():
+            per_role[role] = per_role.get(role, 0.0) + seconds
+    return sum(per_role.values()), per_role
 
 
 def read_records(out_dir: str) -> list[dict]:
