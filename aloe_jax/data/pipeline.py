@@ -79,8 +79,9 @@ class _PadToMultiple(grain.MapDataset):
 class _PackRecord:
     """RawTree → _Item: parse (errors name file and line), keep at most `max_pairs` turns, pack into `seq_len`."""
 
-    def __init__(self, tokenizer, seq_len: int, max_pairs: int):
+    def __init__(self, tokenizer, seq_len: int, max_pairs: int, rejected_branches: bool):
         self.tokenizer, self.seq_len, self.max_pairs = tokenizer, seq_len, max_pairs
+        self.rejected_branches = rejected_branches
 
     def __call__(self, raw: RawTree | None) -> _Item:
         if raw is None:
@@ -89,7 +90,7 @@ class _PackRecord:
         extra_turns = max(0, len(tree.turns) - self.max_pairs)
         if extra_turns:
             tree = tree.model_copy(update={"turns": tree.turns[:self.max_pairs]})
-        packed = pack_tree(self.tokenizer, tree, self.seq_len)
+        packed = pack_tree(self.tokenizer, tree, self.seq_len, self.rejected_branches)
         if packed is None:
             return _Item(None, turns_cut=len(tree.turns) + extra_turns, dropped=True)
         return _Item(packed, turns_cut=packed.turns_cut + extra_turns)
@@ -140,16 +141,17 @@ def count_steps(cfg: DataConfig, global_rows: int) -> int:
 
 
 def tree_batches(cfg: DataConfig, tokenizer, global_rows: int, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, rejected_branches: bool = True) -> grain.IterDataset:
     """This process's batches (dicts of `[global_rows // process_count, ...]` numpy arrays, see data/batch.py, plus
-    STAT_FIELDS); iterate it for a checkpointable grain iterator (get_state / set_state)."""
+    STAT_FIELDS); iterate it for a checkpointable grain iterator (get_state / set_state). SFT passes
+    `rejected_branches=False`: its rows then hold no rejected reply (and no preference pair)."""
     index, count, rows = _process_layout(global_rows, process_index, process_count)
     records = _ordered_records(cfg)
     steps = math.ceil(len(records) / global_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     local_batches = (
         _PadToMultiple(records, global_rows)
-        .map(_PackRecord(tokenizer, cfg.seq_len, cfg.max_pairs))
+        .map(_PackRecord(tokenizer, cfg.seq_len, cfg.max_pairs, rejected_branches))
         .batch(rows, batch_fn=_Collate(rows, cfg.seq_len, cfg.max_pairs, pad_id))
     )
     # Local batch j belongs to global batch j // count; this process owns those with j % count == index.

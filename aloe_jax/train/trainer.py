@@ -97,7 +97,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     data_steps = pipeline.count_steps(cfg.data, cfg.batch_size)
     total_steps = min(cfg.max_steps, data_steps) if cfg.max_steps else data_steps
     trainer = Trainer(cfg, model, mesh, total_steps, ref_model)
-    batches = iter(pipeline.tree_batches(cfg.data, tokenizer, cfg.batch_size))
+    batches = iter(pipeline.tree_batches(cfg.data, tokenizer, cfg.batch_size,
+                                         rejected_branches=cfg.objective == "dpo"))
 
     checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
     latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
