@@ -65,9 +65,10 @@ class Norm(nnx.Module):
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
 
 
-def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention over a heads-major cache, with jax.nn.dot_product_attention's numerics (fp32 logits
-    and softmax, masked logits set to a large finite negative so that a query that sees nothing stays finite).
+def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention over heads-major keys and values (the KV cache, or the sequence itself in training),
+    with jax.nn.dot_product_attention's numerics (fp32 logits and softmax, masked logits set to a large finite
+    negative so that a query that sees nothing stays finite).
 
     q `[B, T, H, hd]`, k and v `[B, K, S, hd]`, mask `[B, T, S]` bool → `[B, T, H, hd]`. The H = K·G query heads are
     grouped per KV head, so each (row, KV head) is one `[G·T, hd] x [hd, S]` product and the cache is never copied.
@@ -128,14 +129,16 @@ class Attention(nnx.Module):
         k = rope.apply_rope(self._project(x, "k"), positions, inv_freq)
         v = self._project(x, "v")
         if cache_kv is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask[:, None])
+            # Training and scoring use the same batched-matmul form as prefill: with jax.nn.dot_product_attention a
+            # SmolLM2 forward over 2 × 896 tokens took 5.9 s on CPU and a full SFT gradient 27.5 s; this form 4.7/24.1.
+            out = _gqa_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), attn_mask)
         else:
             k_cache, v_cache = cache_kv
             # [B, T, K, hd] → [B, K, T, hd], written in place at slots cache_index..cache_index+T-1.
             k = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
             cache_kv = (k, v)
-            out = _cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
+            out = _gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(x.dtype)
