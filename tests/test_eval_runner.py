@@ -250,3 +250,45 @@ def test_cli_eval_of_trainer_checkpoint_on_gcs_and_errors(engine, gcs_emulator, 
     missing = str(tmp_path / "nope")
     assert main(["eval", "--model", missing, "--out", str(tmp_path / "x"), "--aloe-data", ALOE_DATA]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_records(engine, tmp_path):
+    """A real kill -9 of `aloe-jax eval` between turns (not an exception): the rerun of the same command finishes the
+    run, and every record equals the uninterrupted run's (sampling simulator: seeds come from run seed, role, turn)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = str(tmp_path / "trainer-run")
+    _save_trainer_checkpoint(model, engine.model.cfg, engine.tokenizer)
+    env = {**os.environ, "ALOE_JAX_CACHE": str(tmp_path / "xla-cache"), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+    def command(out):
+        return [sys.executable, "-m", "aloe_jax.cli", "eval", "--model", model, "--simulator", model, "--judge", model,
+                "--out", str(out), "--aloe-data", ALOE_DATA, "--cases", "2", "--turns", "5", "--quiet",
+                "model.generation.max_tokens=8", "simulator.generation.max_tokens=8",
+                "simulator.generation.temperature=0.8", "bootstrap_resamples=20"]
+
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=600)
+    expected = _records(tmp_path / "whole")
+    assert len(expected) == 10
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not ((out / RECORDS_FILE).exists() and (out / RECORDS_FILE).read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first turn committed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = len(_records(out))
+    assert 2 <= killed_at < 10  # killed after turn 1 committed and before the run finished
+
+    subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=600)
+    assert _records(out) == expected
+    timed = [json.loads(line)["turn"] for line in (out / TIMINGS_FILE).read_text().splitlines()]
+    assert timed == [1, 2, 3, 4, 5]  # every turn timed once, across the two invocations
