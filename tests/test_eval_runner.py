@@ -290,5 +290,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_records(engine, tmp_
 
     subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=600)
     assert _records(out) == expected
+    # Every turn timed at most once across the two invocations, and every turn the rerun did is timed. (A kill that
+    # lands between a turn's records and its timing line loses that one timing line: the turn is not redone.)
     timed = [json.loads(line)["turn"] for line in (out / TIMINGS_FILE).read_text().splitlines()]
-    assert timed == [1, 2, 3, 4, 5]  # every turn timed once, across the two invocations
+    assert timed == sorted(set(timed)) and set(range(killed_at // 2 + 1, 6)) <= set(timed) <= set(range(1, 6))

@@ -39,7 +39,8 @@ from data_pipeline import jsonl_log
 
 RECORDS_FILE = "turns.jsonl"
 # One line per finished (turn, batch): seconds each role took. Kept across reruns so a run that was interrupted and
-# resumed still tells how much compute the whole evaluation cost.
+# resumed still tells how much compute the whole evaluation cost. Written just after the turn's records: a kill between
+# the two writes loses that turn's line (never the records), so the total is then a slight undercount.
 TIMINGS_FILE = "timings.jsonl"
 PROTOCOL_FILE = "protocol.json"
 CALLS_FILE = "calls.sqlite"
