@@ -92,14 +92,17 @@ def test_greedy_batched_equals_alone_and_transformers(stop_sampler, torch_model,
         assert _with_stop(got) == ref
 
 
-def test_chunked_prefill_equals_one_pass_and_transformers(model, torch_model, monkeypatch):
+@pytest.mark.parametrize("chunk, alternatives", [(8, ()), (16, (12,))])
+def test_chunked_prefill_equals_one_pass_and_transformers(model, torch_model, monkeypatch, chunk, alternatives):
     """Prompt buckets of 16 and 24 tokens prefilled in chunks of 8 (2 and 3 chunks, the left padding spanning whole
-    chunks for short rows) decode the same tokens, with the same log-probs, as one pass and as transformers."""
+    chunks for short rows), or of 16 where it divides the bucket and else 12 (one pass, 2 chunks), decode the same
+    tokens, with the same log-probs, as one pass and as transformers."""
     from aloe_jax.sampling import sampler as sampler_module
 
     params = SamplingParams(max_new_tokens=MAX_NEW, top_logprobs=2)
     one_pass = Sampler(model, pad_id=0).generate(PROMPTS, params)
-    monkeypatch.setattr(sampler_module, "_PREFILL_CHUNK", 8)
+    monkeypatch.setattr(sampler_module, "_PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(sampler_module, "_PREFILL_CHUNK_ALT", alternatives)
     chunked_sampler = Sampler(model, pad_id=0)
     chunked = chunked_sampler.generate(PROMPTS, params)
     assert chunked_sampler.num_compiled == 1
@@ -188,6 +191,18 @@ def test_varied_calls_compile_a_bounded_number_of_programs(model):
     # One program for all ten calls (none at all if an earlier test already compiled this shape on this model).
     assert sampler.num_compiled == 1 and len(compiles) <= 1
     assert len({bucket(n, 16) for n in range(1, 4097)}) == 17
+
+
+def test_stepped_buckets_cap_the_padding_and_keep_long_prompts_chunked():
+    from aloe_jax.sampling.sampler import _PREFILL_CHUNK, _PREFILL_CHUNK_ALT, BATCH_STEP, PROMPT_STEP
+
+    for n in range(1, 4097):
+        size = bucket(n, 16, PROMPT_STEP)
+        assert n <= size <= bucket(n, 16) and (n <= PROMPT_STEP or size - n < PROMPT_STEP)
+        # Every long prompt bucket splits into whole prefill chunks (one pass over it would be ~2x slower).
+        assert size <= _PREFILL_CHUNK or any(size % c == 0 for c in (_PREFILL_CHUNK, *_PREFILL_CHUNK_ALT))
+    assert [bucket(n, 1, BATCH_STEP) for n in (5, 6, 9, 100, 128)] == [6, 6, 12, 104, 128]
+    assert bucket(1033, 16, PROMPT_STEP) == 1152 and bucket(1033, 16) == 1536
 
 
 def test_samplers_of_one_architecture_share_compiled_programs(model):

@@ -12,7 +12,7 @@ from flax import nnx
 from aloe_jax.errors import DataError
 from aloe_jax.models import masks
 from aloe_jax.models.decoder import Decoder
-from aloe_jax.sampling.sampler import bucket
+from aloe_jax.sampling.sampler import PROMPT_STEP, bucket
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -68,7 +68,7 @@ def score_options(model: Decoder, prompts: list[list[int]], options: list[list[i
     if not pairs:
         return np.zeros((len(prompts), len(options)), np.float32)
     graphdef, state = nnx.split(model)
-    seq_len = bucket(max(len(p) + len(o) for p, o in pairs), 16)
+    seq_len = bucket(max(len(p) + len(o) for p, o in pairs), 16, PROMPT_STEP)
     option_len = bucket(max(len(o) for o in options), 1)
     scores = []
     for first in range(0, len(pairs), batch_size):
@@ -96,7 +96,7 @@ def _score_single_tokens(model: Decoder, prompts: list[list[int]], options: list
                          pad_id: int) -> np.ndarray:
     """score_options when no option is longer than one token: one row per prompt instead of one per pair."""
     graphdef, state = nnx.split(model)
-    seq_len = bucket(max(len(p) for p in prompts), 16)
+    seq_len = bucket(max(len(p) for p in prompts), 16, PROMPT_STEP)
     option_ids = np.asarray([o[0] if o else 0 for o in options], np.int32)
     scores = []
     for first in range(0, len(prompts), batch_size):
