@@ -170,19 +170,36 @@ def _write_run(folder, model, scores, expected=None):
     (folder / RECORDS_FILE).write_text("\n".join(lines) + "\n")
 
 
-def test_report_and_compare(tmp_path):
+def test_report_and_compare(tmp_path, capsys):
     # AL = [(2+4)/2, 4/1, (4+5)/2] = [3, 4, 4.5] with one missing turn; AVG = 11.5/3; slope (4.5−3)/2 = .75.
     _write_run(tmp_path / "base", "base-model", [[2, 4, 4], [4, None, 5]])
     summary = report.write_report(str(tmp_path / "base"), n_resamples=100)
     np.testing.assert_allclose(summary.al, [3, 4, 4.5])
     text = (tmp_path / "base" / report.REPORT_FILE).read_text()
     assert "| 1 | 3.000 |" in text and "| 2 | 4.000 |" in text and "| 3 | 4.500 |" in text
-    assert "| AVG (mean of AL(k)) | 3.833 |" in text and "+0.7500" in text and "1 of 6 case-turns" in text
+    assert "| AVG (mean of AL(k)) | 3.833 |" in text and "+0.7500" in text and "1 of the 6 case-turns run" in text
+    assert "in progress" not in text
     assert "**model**: `base-model`" in text
     png = (tmp_path / "base" / report.PLOT_FILE).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     saved = json.loads((tmp_path / "base" / report.SUMMARY_FILE).read_text())
     assert saved["score"]["al"] == [3.0, 4.0, 4.5] and saved["expected_score"] is None
+
+    # A run read while it is resumed: turn 3 not run yet is reported as such, not as missing judge scores.
+    _write_run(tmp_path / "partial", "base-model", [[2, 4, 4], [4, None, 5]], expected=[[2.5, 3.5, 4], [3.5, 4.5, 5]])
+    records = (tmp_path / "partial" / RECORDS_FILE).read_text().splitlines()
+    (tmp_path / "partial" / RECORDS_FILE).write_text("\n".join(r for r in records if '"turn": 3' not in r) + "\n")
+    partial = report.write_report(str(tmp_path / "partial"), n_resamples=100)
+    np.testing.assert_allclose(partial.al, [3, 4, np.nan])
+    text = (tmp_path / "partial" / report.REPORT_FILE).read_text()
+    assert "Run in progress: 4 of 6 case-turns done" in text and "1 of the 4 case-turns run" in text
+    saved = json.loads((tmp_path / "partial" / report.SUMMARY_FILE).read_text())
+    assert saved["expected_score"]["al"] == [3.0, 4.0, None]  # plotted dotted beside AL(k)
+    (tmp_path / "partial" / report.REPORT_FILE).unlink()
+    assert main(["eval-report", str(tmp_path / "partial"), "--bootstrap", "50"]) == 0
+    assert "AVG 3.500" in capsys.readouterr().out and (tmp_path / "partial" / report.REPORT_FILE).exists()
+    assert main(["eval-report", str(tmp_path / "nowhere")]) == 2
+    assert "is not an evaluation folder" in capsys.readouterr().err
 
     # The tuned run scores one point lower on every turn of both shared cases: ΔAVG = −1 on every resample.
     _write_run(tmp_path / "tuned", "tuned-model", [[1, 3, 3], [3, None, 4], [1, 1, 1]])

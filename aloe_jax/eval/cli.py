@@ -67,6 +67,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {pathlib.Path(args.out) / REPORT_FILE}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from aloe_jax.eval.report import REPORT_FILE, write_report
+
+    summary = write_report(args.folder, args.bootstrap, args.seed)
+    print(f"AVG {summary.avg:.3f} [{summary.avg_ci[0]:.3f}, {summary.avg_ci[1]:.3f}]  "
+          f"slope {summary.slope:+.4f}/turn [{summary.slope_ci[0]:+.4f}, {summary.slope_ci[1]:+.4f}]")
+    print(f"report: {pathlib.Path(args.folder) / REPORT_FILE}")
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from aloe_jax.eval.report import compare
 
@@ -91,6 +100,14 @@ def register(commands) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. judge.history_turns=0")
     run.set_defaults(run=_cmd_eval)
+
+    rep = commands.add_parser("eval-report", help="rewrite an ALOE run's report and plot (also while it runs)",
+                              description="Write report.md, al_curve.png and summary.json of a run folder from its "
+                                          "committed records: look at a long run before it ends, or at a copied one.")
+    rep.add_argument("folder", metavar="RUN", help="run folder written by `aloe-jax eval`")
+    rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(run=_cmd_report)
 
     cmp = commands.add_parser("eval-compare", help="compare ALOE runs: paired differences and one plot")
     cmp.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `aloe-jax eval` (first = baseline)")

@@ -32,6 +32,12 @@ class LoadedRun:
     case_ids: list[str]
     scores: np.ndarray  # [cases, turns] argmax/parsed judge score, NaN missing
     expected: np.ndarray | None  # [cases, turns] expected score (log-prob judges only)
+    ran: np.ndarray  # [cases, turns] bool: the case-turn has a record (scored or not); False: not run yet
+
+    @property
+    def planned(self) -> int:
+        """Case-turns the run's protocol asks for (more than `ran` holds while a run is in progress)."""
+        return int(self.card.get("cases", self.scores.shape[0])) * self.scores.shape[1]
 
 
 def load_run(folder: str, label: str | None = None) -> LoadedRun:
@@ -45,8 +51,9 @@ def load_run(folder: str, label: str | None = None) -> LoadedRun:
     case_ids = list(dict.fromkeys(r["case_id"] for r in records))
     turns = int(card["turns"])
     expected = score_matrix(records, case_ids, turns, "expected_score")
+    ran = ~np.isnan(score_matrix(records, case_ids, turns, "turn"))  # every record has its turn
     return LoadedRun(label or os.path.basename(os.path.normpath(folder)), folder, card, case_ids,
-                     score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected)
+                     score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected, ran)
 
 
 def _num(x: float, digits: int = 3, signed: bool = False) -> str:
@@ -82,10 +89,16 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
              extra: dict | None = None) -> str:
     """report.md of one run."""
     turns = len(summary.al)
-    lines = [f"# ALOE evaluation — {run.card.get('model')}", "",
-             f"{summary.n_cases} cases × {turns} turns; {summary.n_missing} of {summary.n_cases * turns} case-turns "
-             "have no judge score (missing, excluded from AL(k), never counted as 0). AL(k) = mean judge score (1–5) "
-             "at turn k; 95% CIs from a bootstrap over cases.", "",
+    n_ran = int(run.ran.sum())
+    unscored = int((run.ran & np.isnan(run.scores)).sum())
+    lines = [f"# ALOE evaluation — {run.card.get('model')}", ""]
+    if n_ran < run.planned:
+        # A long run is read while it is resumed: turns not run yet are not missing judge scores.
+        lines += [f"**Run in progress: {n_ran} of {run.planned} case-turns done.** Turns not run yet read n/a and are "
+                  f"left out of every number below; rerun `aloe-jax eval` with the same `--out` to continue.", ""]
+    lines += [f"{summary.n_cases} cases × {turns} turns; {unscored} of the {n_ran} case-turns run have no judge "
+              "score (missing, excluded from AL(k), never counted as 0). AL(k) = mean judge score (1–5) at turn k; "
+              "95% CIs from a bootstrap over cases.", "",
              "| turn k | AL(k) | 95% CI | scored | N-AL(k) |" + (" AL(k), expected score |" if expected else ""),
              "|---:|---:|:---:|---:|---:|" + ("---:|" if expected else "")]
     for k in range(turns):
@@ -114,8 +127,10 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
 
 
 def plot_curves(runs: Sequence[tuple[str, metrics.RunSummary]], path: str,
-                title: str = "ALOE: alignment per turn") -> None:
-    """Write a PNG with each run's AL(k) (line and markers) and its 95% band."""
+                title: str = "ALOE: alignment per turn",
+                expected: Sequence[metrics.RunSummary | None] | None = None) -> None:
+    """Write a PNG with each run's AL(k) (line and markers), its 95% band and its fit over the turns it has; with
+    `expected` (one per run, None where the judge gave no probabilities), also the expected-score AL(k), dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,14 +149,20 @@ def plot_curves(runs: Sequence[tuple[str, metrics.RunSummary]], path: str,
                   f"slope {_num(summary.slope, 3, True)}/turn)")
         ax.plot(k, summary.al, marker="o", color=color, linewidth=2, label=legend)
         if not math.isnan(summary.slope):
-            ax.plot(k, summary.intercept + summary.slope * k, color=color, linestyle="--", linewidth=1, alpha=0.8)
+            fitted = k[~np.isnan(summary.al)]  # never extrapolated over turns a partial run has not reached
+            ax.plot(fitted, summary.intercept + summary.slope * fitted, color=color, linestyle="--", linewidth=1,
+                    alpha=0.8)
+        if expected is not None and expected[i] is not None:
+            ax.plot(k, expected[i].al, marker="o", markerfacecolor="white", color=color, linestyle=":", linewidth=1.5,
+                    label=f"{label}, expected score  (AVG {_num(expected[i].avg, 2)}, "
+                          f"slope {_num(expected[i].slope, 3, True)}/turn)")
     ax.set_xticks(range(1, turns_max + 1))
     ax.set_xlim(0.7, turns_max + 0.3)
     ax.set_ylim(1, 5)
     ax.set_yticks([1, 2, 3, 4, 5])
     ax.set_xlabel("turn k", fontsize=12)
     ax.set_ylabel("AL(k): mean judge score (1–5)", fontsize=12)
-    ax.set_title(title + "  (shaded: 95% CI over cases; dashed: least-squares fit)", fontsize=11)
+    ax.set_title(title + "\n(shaded: 95% CI over cases; dashed: least-squares fit)", fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=10, framealpha=0.9)
     fig.tight_layout()
@@ -157,7 +178,7 @@ def write_report(folder: str, n_resamples: int = 2000, seed: int = 0, extra: dic
     summary = metrics.summarise(run.scores, n_resamples, seed)
     expected = metrics.summarise(run.expected, n_resamples, seed) if run.expected is not None else None
     storage.write_text(os.path.join(folder, REPORT_FILE), markdown(run, summary, expected, extra))
-    plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE))
+    plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE), expected=[expected])
     storage.write_text(os.path.join(folder, SUMMARY_FILE), json.dumps(
         {"score": summary_json(summary), "expected_score": summary_json(expected) if expected else None,
          "protocol": run.card}, indent=1) + "\n")
