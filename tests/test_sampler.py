@@ -4,6 +4,7 @@ bounded number of programs; option scoring equals a plain forward pass."""
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -163,6 +164,37 @@ def test_filtered_sampling_stays_in_the_allowed_set(free_sampler, torch_model, f
             assert (mass_before < top_p + 1e-5).all()
             ranks += rank.tolist()
     assert max(ranks) > 0, "sampling never left the top-1 token: the filters were not exercised"
+
+
+def _reference_nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Kept-token mask of top-p by a full sort: the most likely tokens up to the first that brings the mass to ≥ p."""
+    kept = np.zeros(logits.shape, bool)
+    for row, values in enumerate(logits.astype(np.float64)):
+        ordered = np.sort(values)[::-1]
+        probs = np.exp(ordered - ordered.max())
+        probs /= probs.sum()
+        last = int(np.searchsorted(np.cumsum(probs), top_p))  # first index where the mass reaches top_p
+        kept[row] = values >= ordered[min(last, len(ordered) - 1)]
+    return kept
+
+
+@pytest.mark.parametrize("scales", [(6, 9, 12), (6, 0.05, 12)])
+def test_nucleus_from_top_candidates_equals_a_full_sort(monkeypatch, scales):
+    """Peaked rows have their nucleus among the 64 candidates (fast path); a flat row (scale 0.05) needs thousands of
+    tokens, so that batch falls back to the full sort. Both keep exactly the reference set."""
+    from aloe_jax.sampling import sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "_NUCLEUS_CANDIDATES", 64)
+    rng = np.random.RandomState(0)
+    logits = np.stack([rng.randn(5000) * scale for scale in scales]).astype(np.float32)  # [3, 5000]
+    mode = sampler_module._Mode(greedy=False, top_k=0, nucleus=True, logprobs=-1)
+    filtered = jax.jit(lambda x: sampler_module._filter_logits(x, jnp.float32(0.9), mode))(logits)
+    got = np.isfinite(np.asarray(filtered))
+    np.testing.assert_array_equal(got, _reference_nucleus(logits, 0.9))
+    fast_path_ok = sampler_module._nucleus_threshold(jax.lax.top_k(logits, 64)[0],
+                                                     jax.nn.logsumexp(logits, axis=-1), 0.9)[1]
+    assert list(np.asarray(fast_path_ok)) == [s > 1 for s in scales]
+    assert (got.sum(-1) > 64).tolist() == [s < 1 for s in scales]  # the flat row keeps far more than the candidates
 
 
 @contextlib.contextmanager

@@ -120,20 +120,43 @@ def bucket(n: int, minimum: int, step: int | None = None) -> int:
 BATCH_STEP, PROMPT_STEP = 8, 128
 
 
+# The nucleus (top-p without top-k) is looked for among this many most likely tokens first. A full sort of the
+# vocabulary per step was the sampler's slowest op on CPU: 1.1 s for [104, 49152] logits vs 0.05 s for lax.top_k(1024),
+# i.e. over a minute per 64-token simulator turn of a 100-case evaluation. When a row's nucleus reaches past the
+# candidates (a nearly flat distribution), the whole batch takes the full sort instead, so the result never changes.
+_NUCLEUS_CANDIDATES = 1024
+
+
+def _nucleus_threshold(candidates: jax.Array, log_total: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(`[batch]` logit of the least likely token kept, `[batch]` bool: the nucleus lies within `candidates`).
+
+    candidates `[batch, n]` are logits in descending order, with probabilities exp(candidates - log_total): keep the
+    most likely tokens up to and including the first that brings the mass to ≥ top_p.
+    """
+    probs = jnp.exp(candidates - log_total[:, None])
+    mass = jnp.cumsum(probs, axis=-1)
+    keep = mass - probs < top_p
+    last_kept = jnp.sum(keep, axis=-1) - 1  # [batch]
+    return jnp.take_along_axis(candidates, last_kept[:, None], axis=-1)[:, 0], mass[:, -1] >= top_p
+
+
 def _filter_logits(logits: jax.Array, top_p: jax.Array, mode: _Mode) -> jax.Array:
     """`[batch, vocab]` logits with everything outside the top-k / nucleus set to -inf."""
+    vocab = logits.shape[-1]
     if mode.top_k:
         candidates = jax.lax.top_k(logits, mode.top_k)[0]  # [batch, k], descending
+        threshold = candidates[:, -1]
+        if mode.nucleus:
+            # Within the top-k candidates the distribution is renormalised over them, as when top-p follows top-k in HF.
+            threshold = _nucleus_threshold(candidates, jax.nn.logsumexp(candidates, axis=-1), top_p)[0]
     else:
-        candidates = -jnp.sort(-logits, axis=-1)  # [batch, vocab], descending
-    threshold = candidates[:, -1]
-    if mode.nucleus:
-        # Keep the most likely tokens up to and including the first that brings the mass to ≥ top_p; within the
-        # top-k candidates the softmax is already renormalised over them, as when top-p follows top-k in HF.
-        probs = jax.nn.softmax(candidates, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
-        last_kept = jnp.sum(keep, axis=-1) - 1  # [batch]
-        threshold = jnp.take_along_axis(candidates, last_kept[:, None], axis=-1)[:, 0]
+        log_total = jax.nn.logsumexp(logits, axis=-1)
+        n = min(vocab, _NUCLEUS_CANDIDATES)
+        threshold, covered = _nucleus_threshold(jax.lax.top_k(logits, n)[0], log_total, top_p)
+        if n < vocab:
+            threshold = jax.lax.cond(
+                jnp.all(covered), lambda: threshold,
+                lambda: _nucleus_threshold(-jnp.sort(-logits, axis=-1), log_total, top_p)[0])
     return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
 
 
