@@ -45,8 +45,19 @@ def load_eval_config(args: argparse.Namespace):
     return load_config(EvalConfig, config, overrides + list(args.overrides))
 
 
+def _print_summary(summary, folder: str, finished: bool) -> None:
+    """The headline numbers; the count of unscored turns only for a finished run (in a partial one, turns not run yet
+    are no judge's fault)."""
+    from aloe_jax.eval.report import REPORT_FILE
+
+    print(f"AVG {summary.avg:.3f} [{summary.avg_ci[0]:.3f}, {summary.avg_ci[1]:.3f}]  "
+          f"slope {summary.slope:+.4f}/turn [{summary.slope_ci[0]:+.4f}, {summary.slope_ci[1]:+.4f}]  "
+          f"N-IR {summary.n_ir:+.4f}" + (f"  missing {summary.n_missing}" if finished else ""))
+    print(f"report: {pathlib.Path(folder) / REPORT_FILE}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from aloe_jax.eval.report import REPORT_FILE, write_report
+    from aloe_jax.eval.report import write_report
     from aloe_jax.eval.runner import build_runner, total_seconds
     from aloe_jax.llm.usage import UsageMeter
 
@@ -61,19 +72,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     summary = write_report(args.out, cfg.bootstrap_resamples, cfg.seed,
                            extra={"Timing (this invocation)": timing, "Usage (this invocation)": meter.table()})
     print(timing)
-    print(f"AVG {summary.avg:.3f} [{summary.avg_ci[0]:.3f}, {summary.avg_ci[1]:.3f}]  "
-          f"slope {summary.slope:+.4f}/turn [{summary.slope_ci[0]:+.4f}, {summary.slope_ci[1]:+.4f}]  "
-          f"N-IR {summary.n_ir:+.4f}  missing {summary.n_missing}")
-    print(f"report: {pathlib.Path(args.out) / REPORT_FILE}")
+    _print_summary(summary, args.out, finished=True)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from aloe_jax.eval.report import REPORT_FILE, write_report
+    from aloe_jax.eval.report import write_report
 
-    summary = write_report(args.folder, args.bootstrap, args.seed)
-    print(f"AVG {summary.avg:.3f} [{summary.avg_ci[0]:.3f}, {summary.avg_ci[1]:.3f}]  "
-          f"slope {summary.slope:+.4f}/turn [{summary.slope_ci[0]:+.4f}, {summary.slope_ci[1]:+.4f}]")
-    print(f"report: {pathlib.Path(args.folder) / REPORT_FILE}")
+    _print_summary(write_report(args.folder, args.bootstrap, args.seed), args.folder, finished=False)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
