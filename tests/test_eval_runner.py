@@ -156,8 +156,9 @@ def test_kill_and_resume_gives_identical_records(engine, tmp_path):
         _runner(engine, _config(simulator_temperature=0.8, seed=1), cases, out).run(show_progress=False)
 
 
-def _write_run(folder, model, scores, expected=None):
-    """A run folder written by hand: scores[case][turn] (None = missing)."""
+def _write_run(folder, model, scores, expected=None, users=None):
+    """A run folder written by hand: scores[case][turn] (None = missing); users[case][turn]: the simulated user's
+    message (the reply is derived from it)."""
     folder.mkdir(parents=True)
     card = {"model": model, "turns": len(scores[0]), "cases": len(scores), "prompt_hash": "abc", "simulator": "s",
             "judge": "j", "judge_method": "text"}
@@ -165,8 +166,11 @@ def _write_run(folder, model, scores, expected=None):
     lines = []
     for i, row in enumerate(scores):
         for k, score in enumerate(row, start=1):
-            lines.append(json.dumps({"case_id": f"c{i}", "turn": k, "score": score,
-                                     "expected_score": None if expected is None else expected[i][k - 1]}))
+            record = {"case_id": f"c{i}", "turn": k, "score": score,
+                      "expected_score": None if expected is None else expected[i][k - 1]}
+            if users is not None:
+                record.update(user=users[i][k - 1], assistant=f"reply to {users[i][k - 1]}")
+            lines.append(json.dumps(record))
     (folder / RECORDS_FILE).write_text("\n".join(lines) + "\n")
 
 
@@ -178,7 +182,7 @@ def test_report_and_compare(tmp_path, capsys):
     text = (tmp_path / "base" / report.REPORT_FILE).read_text()
     assert "| 1 | 3.000 |" in text and "| 2 | 4.000 |" in text and "| 3 | 4.500 |" in text
     assert "| AVG (mean of AL(k)) | 3.833 |" in text and "+0.7500" in text and "1 of the 6 case-turns run" in text
-    assert "in progress" not in text
+    assert "in progress" not in text and "loop by" not in text
     assert "**model**: `base-model`" in text
     png = (tmp_path / "base" / report.PLOT_FILE).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -200,6 +204,21 @@ def test_report_and_compare(tmp_path, capsys):
     assert "AVG 3.500" in capsys.readouterr().out and (tmp_path / "partial" / report.REPORT_FILE).exists()
     assert main(["eval-report", str(tmp_path / "nowhere")]) == 2
     assert "is not an evaluation folder" in capsys.readouterr().err
+
+    # Conversations stuck in a loop are counted per turn; a majority looping at the last turn is called out.
+    _write_run(tmp_path / "loops", "base-model", [[3, 3, 3], [3, 3, 3]], users=[["a", "b", "b"], ["x", "x", "x"]])
+    (tmp_path / "loops" / TIMINGS_FILE).write_text("".join(
+        json.dumps({"turn": k, "cases": 2, "seconds": {"simulator": 2.0 * k, "model": 1.0, "judge": 0.5}}) + "\n"
+        for k in (1, 2)))
+    report.write_report(str(tmp_path / "loops"), n_resamples=50)
+    text = (tmp_path / "loops" / report.REPORT_FILE).read_text()
+    assert [line.rsplit("|", 2)[1].strip() for line in text.splitlines() if line.startswith("| ") and
+            line[2].isdigit()][:3] == ["0", "1", "2"]
+    assert "Most conversations loop by turn 3** (2 of 2)" in text
+    assert json.loads((tmp_path / "loops" / report.SUMMARY_FILE).read_text())["looping"] == [0, 1, 2]
+    # Per-turn seconds come from timings.jsonl, so `eval-report` keeps them: turn 2 = 4 + 1 + 0.5.
+    assert "| 2 | 4.0 | 1.0 | 0.5 | 5.5 |" in text and "| all | 6.0 | 2.0 | 1.0 | 9.0 |" in text
+    assert "Seconds per turn" not in (tmp_path / "base" / report.REPORT_FILE).read_text()  # no timings, no table
 
     # The tuned run scores one point lower on every turn of both shared cases: ΔAVG = −1 on every resample.
     _write_run(tmp_path / "tuned", "tuned-model", [[1, 3, 3], [3, None, 4], [1, 1, 1]])

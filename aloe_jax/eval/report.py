@@ -15,7 +15,7 @@ import numpy as np
 from aloe_jax import storage
 from aloe_jax.errors import ConfigError
 from aloe_jax.eval import metrics
-from aloe_jax.eval.runner import PROTOCOL_FILE, read_records, score_matrix
+from aloe_jax.eval.runner import PROTOCOL_FILE, read_records, score_matrix, turn_seconds
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "al_curve.png"
@@ -33,6 +33,9 @@ class LoadedRun:
     scores: np.ndarray  # [cases, turns] argmax/parsed judge score, NaN missing
     expected: np.ndarray | None  # [cases, turns] expected score (log-prob judges only)
     ran: np.ndarray  # [cases, turns] bool: the case-turn has a record (scored or not); False: not run yet
+    # [cases, turns] bool: the simulated user's message and the reply are those of the case's previous turn, word for
+    # word (a conversation stuck in a loop: small simulators copy their last message, and its judge score repeats).
+    repeated: np.ndarray
 
     @property
     def planned(self) -> int:
@@ -53,7 +56,22 @@ def load_run(folder: str, label: str | None = None) -> LoadedRun:
     expected = score_matrix(records, case_ids, turns, "expected_score")
     ran = ~np.isnan(score_matrix(records, case_ids, turns, "turn"))  # every record has its turn
     return LoadedRun(label or os.path.basename(os.path.normpath(folder)), folder, card, case_ids,
-                     score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected, ran)
+                     score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected, ran,
+                     repeated_exchanges(records, case_ids, turns))
+
+
+def repeated_exchanges(records: list[dict], case_ids: Sequence[str], turns: int) -> np.ndarray:
+    """`[cases, turns]` bool: turn k's (user, assistant) texts equal the same case's turn k−1 texts exactly."""
+    row = {case_id: i for i, case_id in enumerate(case_ids)}
+    exchange: dict[tuple[int, int], tuple] = {}
+    for record in records:
+        i, k = row.get(record["case_id"]), record["turn"]
+        if i is not None and 1 <= k <= turns and "user" in record:
+            exchange[i, k] = (record["user"], record.get("assistant"))
+    repeated = np.zeros((len(case_ids), turns), bool)
+    for (i, k), texts in exchange.items():
+        repeated[i, k - 1] = exchange.get((i, k - 1)) == texts
+    return repeated
 
 
 def _num(x: float, digits: int = 3, signed: bool = False) -> str:
@@ -98,15 +116,25 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
                   f"left out of every number below; rerun `aloe-jax eval` with the same `--out` to continue.", ""]
     lines += [f"{summary.n_cases} cases × {turns} turns; {unscored} of the {n_ran} case-turns run have no judge "
               "score (missing, excluded from AL(k), never counted as 0). AL(k) = mean judge score (1–5) at turn k; "
-              "95% CIs from a bootstrap over cases.", "",
-             "| turn k | AL(k) | 95% CI | scored | N-AL(k) |" + (" AL(k), expected score |" if expected else ""),
-             "|---:|---:|:---:|---:|---:|" + ("---:|" if expected else "")]
+              "95% CIs from a bootstrap over cases. *Looping*: cases whose user message and reply at turn k are "
+              "those of turn k−1, word for word.", ""]
+    looping = run.repeated.sum(axis=0)  # [turns]
+    last = int(np.flatnonzero(run.ran.any(axis=0))[-1]) if run.ran.any() else 0
+    if last > 0 and looping[last] * 2 > run.ran[:, last].sum():
+        # Scores of a loop repeat the turn before, so a flat AL(k) then says little about adaptation.
+        lines += [f"**Most conversations loop by turn {last + 1}** ({looping[last]} of {run.ran[:, last].sum()}): "
+                  "the simulator and the model repeat their previous messages, so later turns re-score the same "
+                  "exchanges. AL(k) measures adaptation only with a simulator that keeps the "
+                  "conversation moving.", ""]
+    lines += ["| turn k | AL(k) | 95% CI | scored | N-AL(k) |" + (" AL(k), expected score |" if expected else "")
+              + " looping |",
+              "|---:|---:|:---:|---:|---:|" + ("---:|" if expected else "") + "---:|"]
     for k in range(turns):
         row = (f"| {k + 1} | {_num(summary.al[k])} | {_ci((summary.al_ci[0][k], summary.al_ci[1][k]))} | "
                f"{summary.counts[k]} | {_num(summary.n_al[k])} |")
         if expected:
             row += f" {_num(expected.al[k])} |"
-        lines.append(row)
+        lines.append(row + (f" {looping[k]} |" if run.ran[:, k].any() else " n/a |"))
     lines += ["", "| metric | value | 95% CI |", "|---|---:|:---:|",
               f"| AVG (mean of AL(k)) | {_num(summary.avg)} | {_ci(summary.avg_ci)} |",
               f"| improvement rate (slope of AL(k) per turn) | {_num(summary.slope, 4, True)} | "
@@ -121,6 +149,16 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
               "", f"![AL(k)]({PLOT_FILE})", "", "## Protocol", ""]
     lines += [f"- **{key}**: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
               for key, value in run.card.items()]
+    seconds = turn_seconds(run.folder)
+    if seconds:
+        # From timings.jsonl, so a report rewritten by `eval-report` keeps them.
+        roles = list(dict.fromkeys(role for per_role in seconds.values() for role in per_role))
+        lines += ["", "## Seconds per turn (every invocation)", "",
+                  "| turn | " + " | ".join(roles) + " | total |", "|---:|" + "---:|" * (len(roles) + 1)]
+        lines += [f"| {k} | " + " | ".join(f"{per_role.get(role, 0.0):.1f}" for role in roles)
+                  + f" | {sum(per_role.values()):.1f} |" for k, per_role in seconds.items()]
+        lines.append("| all | " + " | ".join(f"{sum(p.get(role, 0.0) for p in seconds.values()):.1f}" for role in roles)
+                     + f" | {sum(sum(p.values()) for p in seconds.values()):.1f} |")
     for title, body in (extra or {}).items():
         lines += ["", f"## {title}", "", "```", body, "```"]
     return "\n".join(lines) + "\n"
@@ -181,7 +219,7 @@ def write_report(folder: str, n_resamples: int = 2000, seed: int = 0, extra: dic
     plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE), expected=[expected])
     storage.write_text(os.path.join(folder, SUMMARY_FILE), json.dumps(
         {"score": summary_json(summary), "expected_score": summary_json(expected) if expected else None,
-         "protocol": run.card}, indent=1) + "\n")
+         "looping": run.repeated.sum(axis=0).tolist(), "protocol": run.card}, indent=1) + "\n")
     return summary
 
 

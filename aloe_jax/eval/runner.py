@@ -197,12 +197,23 @@ class EvalRunner:
         return messages + [{"role": "user", "content": user}]
 
 
+def turn_seconds(out_dir: str) -> dict[int, dict[str, float]]:
+    """Seconds per role of each committed turn, over every invocation of a run folder (a turn's time is logged when
+    all its cases are committed)."""
+    path = os.path.join(out_dir, TIMINGS_FILE)
+    per_turn: dict[int, dict[str, float]] = {}
+    for line in jsonl_log.read_complete(path) if os.path.exists(path) else []:
+        roles = per_turn.setdefault(int(line["turn"]), {})
+        for role, seconds in line["seconds"].items():
+            roles[role] = roles.get(role, 0.0) + seconds
+    return dict(sorted(per_turn.items()))
+
+
 def total_seconds(out_dir: str) -> tuple[float, dict[str, float]]:
     """Seconds spent on committed turns over every invocation of a run folder: total and per role."""
-    path = os.path.join(out_dir, TIMINGS_FILE)
     per_role: dict[str, float] = {}
-    for line in jsonl_log.read_complete(path) if os.path.exists(path) else []:
-        for role, seconds in line["seconds"].items():
+    for roles in turn_seconds(out_dir).values():
+        for role, seconds in roles.items():
             per_role[role] = per_role.get(role, 0.0) + seconds
     return sum(per_role.values()), per_role
 
