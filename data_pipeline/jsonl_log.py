@@ -9,10 +9,13 @@ import os
 from aloe_jax.errors import DataError
 
 
-def read_complete(path: str) -> list:
+def read_complete(path: str, repair: bool = True) -> list:
     """Every complete JSON record of a local JSONL file (none if it does not exist). A torn last line — left by a
     process killed mid-write — is removed from the file so the next append starts on a clean line; a bad line
-    anywhere else means the file is not such a log, and is a DataError (nothing is cut)."""
+    anywhere else means the file is not such a log, and is a DataError (nothing is cut).
+
+    repair=False only reads: for readers beside a live writer (a report of a run in progress), whose torn last line
+    may be an append still under way — cutting it would corrupt the writer's line."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -27,7 +30,12 @@ def read_complete(path: str) -> list:
         except json.JSONDecodeError:
             raise DataError(f"{path} line {line_no} is not one JSON value: this file was not written by aloe-jax "
                             f"(pass it as input instead of as the output to append to)") from None
-    if tail.strip():
+    if tail.strip() and not repair:
+        try:
+            records.append(json.loads(tail))
+        except json.JSONDecodeError:
+            pass  # torn (or still being written): not a record yet
+    elif tail.strip():
         try:
             # Our records are strings or objects, whose JSON cannot be cut short and still parse: a parseable tail is
             # whole and only lacks its newline.

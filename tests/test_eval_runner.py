@@ -139,6 +139,11 @@ def test_kill_and_resume_gives_identical_records(engine, tmp_path):
     assert len(_records(out)) == 3  # turn 1 committed, turn 2 died in the judge
     with open(out / RECORDS_FILE, "ab") as f:
         f.write(b'{"case_id": "profile00-personality0", "turn": 2, "us')  # a kill during a write tears a line
+    with open(out / TIMINGS_FILE, "ab") as f:
+        f.write(b'{"turn": 2, "cases": 3, "sec')  # ... in either log
+    # A report beside the run only reads: it must not cut a line that a live writer may still be appending.
+    torn = (out / RECORDS_FILE).read_bytes()
+    assert report.load_run(str(out)).ran.sum() == 3 and (out / RECORDS_FILE).read_bytes() == torn
 
     counting = CountingEngine(engine)
     stats = _runner(counting, cfg, cases, out).run(show_progress=False)
@@ -204,6 +209,15 @@ def test_report_and_compare(tmp_path, capsys):
     assert "AVG 3.500" in capsys.readouterr().out and (tmp_path / "partial" / report.REPORT_FILE).exists()
     assert main(["eval-report", str(tmp_path / "nowhere")]) == 2
     assert "is not an evaluation folder" in capsys.readouterr().err
+    # Hand-edited logs: one clear line naming the file and entry, no traceback.
+    (tmp_path / "partial" / TIMINGS_FILE).write_text('{"turn": 1, "seconds": {"model": 1.0}}\n{"cases": 2}\n')
+    assert main(["eval-report", str(tmp_path / "partial")]) == 2
+    err = capsys.readouterr().err
+    assert f"{TIMINGS_FILE} entry 2 needs an integer 'turn'" in err and "Traceback" not in err
+    with open(tmp_path / "partial" / RECORDS_FILE, "a") as f:
+        f.write('{"turn": "x"}\n')
+    assert main(["eval-report", str(tmp_path / "partial")]) == 2
+    assert f"{RECORDS_FILE} record 5 needs a string 'case_id'" in capsys.readouterr().err
 
     # Conversations stuck in a loop are counted per turn; a majority looping at the last turn is called out.
     _write_run(tmp_path / "loops", "base-model", [[3, 3, 3], [3, 3, 3]], users=[["a", "b", "b"], ["x", "x", "x"]])

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aloe_jax import storage
-from aloe_jax.errors import ConfigError
+from aloe_jax.errors import ConfigError, DataError
 from aloe_jax.eval import prompts
 from aloe_jax.eval.cases import EvalCase
 from aloe_jax.eval.config import EvalConfig
@@ -124,7 +124,8 @@ class EvalRunner:
         os.makedirs(self.out_dir, exist_ok=True)
         _check_protocol(self.out_dir, self.card)
         start = time.perf_counter()
-        done = self.committed()
+        done = self.committed()  # also cuts a torn last record left by a kill
+        jsonl_log.read_complete(os.path.join(self.out_dir, TIMINGS_FILE))  # the same for the timing log we append to
         turns = self.cfg.turns
         at_start = sum(min(len(h), turns) for h in done.values())
         bar = tqdm(total=len(self.cases) * turns, initial=at_start, desc="ALOE eval", unit="case-turn",
@@ -202,11 +203,19 @@ def turn_seconds(out_dir: str) -> dict[int, dict[str, float]]:
     all its cases are committed)."""
     path = os.path.join(out_dir, TIMINGS_FILE)
     per_turn: dict[int, dict[str, float]] = {}
-    for line in jsonl_log.read_complete(path) if os.path.exists(path) else []:
-        roles = per_turn.setdefault(int(line["turn"]), {})
-        for role, seconds in line["seconds"].items():
-            roles[role] = roles.get(role, 0.0) + seconds
+    for i, line in enumerate(jsonl_log.read_complete(path, repair=False), start=1):
+        if not (isinstance(line, dict) and _is_turn(line.get("turn")) and isinstance(line.get("seconds"), dict)
+                and all(isinstance(s, (int, float)) for s in line["seconds"].values())):
+            raise DataError(f"{path} entry {i} needs an integer 'turn' >= 1 and 'seconds' of numbers per role: "
+                            "not a timing written by aloe-jax eval")
+        roles = per_turn.setdefault(line["turn"], {})
+        for role, s in line["seconds"].items():
+            roles[role] = roles.get(role, 0.0) + s
     return dict(sorted(per_turn.items()))
+
+
+def _is_turn(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def total_seconds(out_dir: str) -> tuple[float, dict[str, float]]:
@@ -223,7 +232,12 @@ def read_records(out_dir: str) -> list[dict]:
     path = os.path.join(out_dir, RECORDS_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"{out_dir!r} holds no evaluation ({RECORDS_FILE} is missing): run `aloe-jax eval` first")
-    return jsonl_log.read_complete(path)
+    records = jsonl_log.read_complete(path, repair=False)  # may be read beside the run that appends to it
+    for i, record in enumerate(records, start=1):
+        if not (isinstance(record, dict) and isinstance(record.get("case_id"), str) and _is_turn(record.get("turn"))):
+            raise DataError(f"{path} record {i} needs a string 'case_id' and an integer 'turn' >= 1: not a record "
+                            "written by aloe-jax eval")
+    return records
 
 
 def score_matrix(records: list[dict], case_ids: Sequence[str], turns: int,
