@@ -36,6 +36,7 @@ class LoadedRun:
     # [cases, turns] bool: the simulated user's message and the reply are those of the case's previous turn, word for
     # word (a conversation stuck in a loop: small simulators copy their last message, and its judge score repeats).
     repeated: np.ndarray
+    seconds: dict[int, dict[str, float]]  # turn → role → seconds, from timings.jsonl (every invocation)
 
     @property
     def planned(self) -> int:
@@ -57,7 +58,7 @@ def load_run(folder: str, label: str | None = None) -> LoadedRun:
     ran = ~np.isnan(score_matrix(records, case_ids, turns, "turn"))  # every record has its turn
     return LoadedRun(label or os.path.basename(os.path.normpath(folder)), folder, card, case_ids,
                      score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected, ran,
-                     repeated_exchanges(records, case_ids, turns))
+                     repeated_exchanges(records, case_ids, turns), turn_seconds(folder))
 
 
 def repeated_exchanges(records: list[dict], case_ids: Sequence[str], turns: int) -> np.ndarray:
@@ -120,9 +121,10 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
               "those of turn k−1, word for word.", ""]
     looping = run.repeated.sum(axis=0)  # [turns]
     last = int(np.flatnonzero(run.ran.any(axis=0))[-1]) if run.ran.any() else 0
-    if last > 0 and looping[last] * 2 > run.ran[:, last].sum():
+    ran_last = int(run.ran[:, last].sum())
+    if last > 0 and looping[last] * 2 > ran_last:
         # Scores of a loop repeat the turn before, so a flat AL(k) then says little about adaptation.
-        lines += [f"**Most conversations loop by turn {last + 1}** ({looping[last]} of {run.ran[:, last].sum()}): "
+        lines += [f"**Most conversations loop by turn {last + 1}** ({looping[last]} of {ran_last}): "
                   "the simulator and the model repeat their previous messages, so later turns re-score the same "
                   "exchanges. AL(k) measures adaptation only with a simulator that keeps the "
                   "conversation moving.", ""]
@@ -149,16 +151,15 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
               "", f"![AL(k)]({PLOT_FILE})", "", "## Protocol", ""]
     lines += [f"- **{key}**: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
               for key, value in run.card.items()]
-    seconds = turn_seconds(run.folder)
-    if seconds:
+    if run.seconds:
         # From timings.jsonl, so a report rewritten by `eval-report` keeps them.
-        roles = list(dict.fromkeys(role for per_role in seconds.values() for role in per_role))
+        roles = list(dict.fromkeys(role for per_role in run.seconds.values() for role in per_role))
+        rows = [(str(k), [per_role.get(role, 0.0) for role in roles]) for k, per_role in run.seconds.items()]
+        rows.append(("all", [sum(values[j] for _, values in rows) for j in range(len(roles))]))
         lines += ["", "## Seconds per turn (every invocation)", "",
                   "| turn | " + " | ".join(roles) + " | total |", "|---:|" + "---:|" * (len(roles) + 1)]
-        lines += [f"| {k} | " + " | ".join(f"{per_role.get(role, 0.0):.1f}" for role in roles)
-                  + f" | {sum(per_role.values()):.1f} |" for k, per_role in seconds.items()]
-        lines.append("| all | " + " | ".join(f"{sum(p.get(role, 0.0) for p in seconds.values()):.1f}" for role in roles)
-                     + f" | {sum(sum(p.values()) for p in seconds.values()):.1f} |")
+        lines += [f"| {k} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values):.1f} |"
+                  for k, values in rows]
     for title, body in (extra or {}).items():
         lines += ["", f"## {title}", "", "```", body, "```"]
     return "\n".join(lines) + "\n"
