@@ -7,7 +7,7 @@ layer of every decode step, which costs more than the longer compile of an unrol
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -185,11 +185,36 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache_kv
 
 
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionKind = Literal["auto", "dense", "blockwise"]
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-    """How to run the model (not what it is): recompute block activations in the backward pass."""
+    """How to run the model (not what it is). None of these change a number beyond float rounding.
 
-    remat: bool = False
+    remat: what a block keeps for the backward pass — "none" (everything), "full" (only its input; recompute the
+      rest), "dots" (matmul outputs), "dots_no_batch" (matmul outputs without batch dimensions: weights-side
+      products); `True`/`False` mean "full"/"none".
+    scan_layers: run the layers as one `lax.scan` over stacked weights (one compiled layer: compile time and program
+      size independent of depth) instead of an unrolled Python loop.
+    attention: for sequences without a KV cache (training, scoring): "dense" materialises `[T, S]` logits per (row,
+      head); "blockwise" never does (online softmax over key blocks, the mask built per block); "auto" picks
+      blockwise when the sequence spans more than one block.
+    attention_block: query/key block length of the blockwise attention.
+    logits_chunk: sequence positions per chunk when computing label log-probs (`[rows, chunk, vocab]` logits at a
+      time, recomputed in the backward pass); 0 computes the whole `[rows, T, vocab]` at once.
+    """
+
+    remat: RematPolicy | bool = "none"
+    scan_layers: bool = False
+    attention: AttentionKind = "auto"
+    attention_block: int = 512
+    logits_chunk: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
 
 
 class Decoder(nnx.Module):
@@ -214,7 +239,7 @@ class Decoder(nnx.Module):
         new_keys, new_values = [], []
         for i, block in enumerate(self.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            call = nnx.remat(Block.__call__) if self.options.remat else Block.__call__
+            call = nnx.remat(Block.__call__) if self.options.remat != "none" else Block.__call__
             x, kv = call(block, x, positions, attn_mask, kv, cache_index)
             if kv is not None:
                 new_keys.append(kv[0])

@@ -63,7 +63,13 @@ class TrainConfig(StrictModel):
     output_dir: str  # local or gs://: checkpoints, the model's config + tokenizer, logs
     param_dtype: DType = "float32"  # master weights and optimizer state
     compute_dtype: DType = "bfloat16"  # activations and matmuls
-    remat: bool = False  # recompute block activations in the backward pass (less memory, ~1/3 more compute)
+    # How the model runs (aloe_jax.models.decoder.RuntimeOptions explains each): recompute block activations in the
+    # backward pass (true = "full"), scan the layers, blockwise attention, label log-probs in sequence chunks.
+    remat: Literal["none", "full", "dots", "dots_no_batch"] | bool = False
+    scan_layers: bool = False
+    attention: Literal["auto", "dense", "blockwise"] = "auto"
+    attention_block: int = pydantic.Field(512, gt=0)
+    logits_chunk: int = pydantic.Field(0, ge=0)  # 0 = all positions at once
     mesh: MeshConfig = MeshConfig()
     batch_size: int = pydantic.Field(48, gt=0)  # global rows (packed conversation trees) per optimizer step
     micro_batches: int = pydantic.Field(1, gt=0)  # gradient accumulation: batch_size / micro_batches rows per pass

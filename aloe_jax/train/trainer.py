@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from aloe_jax.errors import ConfigError
 from aloe_jax.models import sharding
-from aloe_jax.models.decoder import Decoder
+from aloe_jax.models.decoder import Decoder, RuntimeOptions
 from aloe_jax.train import optim
 from aloe_jax.train.config import TrainConfig
 from aloe_jax.train.step import TrainState, compile_train_step, init_state, make_train_step, state_shardings
@@ -74,12 +74,17 @@ class Trainer:
         return self._compiled(state, batch, self.ref_params)
 
 
+def runtime_options(cfg: TrainConfig) -> RuntimeOptions:
+    """How the run's model executes (remat, layer scan, attention kind, log-prob chunks), from its config."""
+    return RuntimeOptions(remat=cfg.remat, scan_layers=cfg.scan_layers, attention=cfg.attention,
+                          attention_block=cfg.attention_block, logits_chunk=cfg.logits_chunk)
+
+
 def _load(spec: str | None, cfg: TrainConfig, mesh: Mesh):
-    from aloe_jax.models.decoder import RuntimeOptions
     from aloe_jax.models.loader import load_model
 
     return load_model(spec, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype, mesh=mesh,
-                      options=RuntimeOptions(remat=cfg.remat))
+                      options=runtime_options(cfg))
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
