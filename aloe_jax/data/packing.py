@@ -30,6 +30,7 @@ import numpy as np
 
 from aloe_jax.data.schema import TreeRecord
 from aloe_jax.errors import DataError
+from aloe_jax.models.attention import TreeMask, dense_tree_mask
 from aloe_jax.tokenizer import encode_chat
 
 ReplyKind = Literal["preferred", "rejected"]
@@ -121,11 +122,6 @@ def pack_tree(tokenizer, tree: TreeRecord, max_len: int, rejected_branches: bool
 
 def packed_attention_mask(segment: jnp.ndarray, visible_prefix: jnp.ndarray) -> jnp.ndarray:
     """`[batch, seq, seq]` bool from `[batch, seq]` segments: spine causal; a branch token sees the spine before its
-    branch point and its own branch up to itself; padding (segment -1) is seen by nobody."""
-    seq = segment.shape[-1]
-    idx = jnp.arange(seq)
-    causal = idx[None, :] <= idx[:, None]  # [q, k]
-    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
-    same_segment = q_seg == k_seg
-    spine_before_branch = (k_seg == 0) & (idx[None, None, :] < visible_prefix[:, :, None])
-    return causal[None] & (k_seg >= 0) & (same_segment | spine_before_branch)
+    branch point and its own branch up to itself; padding (segment -1) is seen by nobody. The definition lives in
+    aloe_jax/models/attention.py (TreeMask), where blockwise attention builds it per block."""
+    return dense_tree_mask(TreeMask(segment, visible_prefix))

@@ -1,7 +1,9 @@
 """The one Flax NNX decoder for Llama 3, Mistral, Qwen2, OLMo and SmolLM2 — families differ only by config flags.
 
-Layers are a plain list rather than a scanned stack: on CPU, XLA copies a dynamic slice of stacked weights every
-layer of every decode step, which costs more than the longer compile of an unrolled model.
+Layers are an unrolled list by default; `RuntimeOptions(scan_layers=True)` stores them stacked (`[layers, ...]`
+weights, logical axis "layers") and runs one `lax.scan` over them, as MaxText does for large models on TPU: one
+compiled layer, so compile time and program size do not grow with depth. `stack_layers` / `unstack_layers` convert
+a parameter state between the two layouts (loaders, checkpoints and the sampler use the unrolled one).
 """
 
 from __future__ import annotations
@@ -14,9 +16,42 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aloe_jax.models import rope
+from aloe_jax.models.attention import TreeMask, blockwise_attention, dense_attention, dense_tree_mask
 from aloe_jax.models.config import ModelConfig
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
+
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionKind = Literal["auto", "dense", "blockwise"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run the model (not what it is). None of these change a number beyond float rounding.
+
+    remat: what a block keeps for the backward pass — "none" (everything), "full" (only its input; recompute the
+      rest), "dots" (matmul outputs), "dots_no_batch" (matmul outputs without batch dimensions: weights-side
+      products); `True`/`False` mean "full"/"none".
+    scan_layers: run the layers as one `lax.scan` over stacked weights (one compiled layer: compile time and program
+      size independent of depth) instead of an unrolled Python loop.
+    attention: for sequences without a KV cache (training, scoring): "dense" materialises `[T, S]` logits per (row,
+      head); "blockwise" never does (online softmax over key blocks, the mask built per block); "auto" picks
+      blockwise when the sequence spans more than one block.
+    attention_block: query/key block length of the blockwise attention.
+    logits_chunk: sequence positions per chunk when computing label log-probs (`[rows, chunk, vocab]` logits at a
+      time, recomputed in the backward pass); 0 computes the whole `[rows, T, vocab]` at once.
+    """
+
+    remat: RematPolicy | bool = "none"
+    scan_layers: bool = False
+    attention: AttentionKind = "auto"
+    attention_block: int = 512
+    logits_chunk: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
 
 
 class KVCache(NamedTuple):
@@ -65,42 +100,13 @@ class Norm(nnx.Module):
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
 
 
-def _gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention over heads-major keys and values (the KV cache, or the sequence itself in training),
-    with jax.nn.dot_product_attention's numerics (fp32 logits and softmax, masked logits set to a large finite
-    negative so that a query that sees nothing stays finite).
-
-    q `[B, T, H, hd]`, k and v `[B, K, S, hd]`, mask `[B, T, S]` bool → `[B, T, H, hd]`. The H = K·G query heads are
-    grouped per KV head, so each (row, KV head) is one `[G·T, hd] x [hd, S]` product and the cache is never copied.
-    """
-    b, t, h, hd = q.shape
-    kv = k.shape[1]
-    g = h // kv
-    large_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    scale = jnp.float32(hd**-0.5)
-    if t == 1:  # decode: the 5-d einsum measured fastest here (batch 32: 108 vs 92 tokens/s for the form below)
-        qg = q.reshape(b, t, kv, g, hd)
-        logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(mask[:, None, None], logits, large_negative)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
-    # Prefill: queries as [B, K, G·T, hd] (a small copy) so that both products are plain batched matmuls over (row,
-    # KV head); as one 5-d einsum, XLA on CPU copied and transposed the [.., T, S] logits of every layer several times.
-    qg = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
-    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * scale
-    visible = jnp.broadcast_to(mask[:, None], (b, g, t, mask.shape[-1])).reshape(b, 1, g * t, mask.shape[-1])
-    logits = jnp.where(visible, logits, large_negative)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, K, G·T, hd]
-    return out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
-
-
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k/v bias and OLMo's clip_qkv, reading/writing a KV cache."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, options: RuntimeOptions):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
+        self.kind, self.block = options.attention, options.attention_block
         self.q = _param(rngs, (d, h, hd), ("embed", "q_heads", "head_dim"), pd)
         self.k = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
@@ -123,22 +129,29 @@ class Attention(nnx.Module):
         return y
 
     def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None):
-        """x `[B, T, D]` → (`[B, T, D]`, updated (keys, values) or None)."""
+        """x `[B, T, D]` → (`[B, T, D]`, updated (keys, values) or None). attn_mask: `[B, T, S]` bool, or a
+        TreeMask for packed rows without a cache (then `options.attention` picks the kernel)."""
         inv_freq = rope.inverse_frequencies(self.cfg)
         q = rope.apply_rope(self._project(x, "q"), positions, inv_freq)
         k = rope.apply_rope(self._project(x, "k"), positions, inv_freq)
         v = self._project(x, "v")
         if cache_kv is None:
-            # Training and scoring use the same batched-matmul form as prefill: with jax.nn.dot_product_attention a
-            # SmolLM2 forward over 2 × 896 tokens took 5.9 s on CPU and a full SFT gradient 27.5 s; this form 4.7/24.1.
-            out = _gqa_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), attn_mask)
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+            if isinstance(attn_mask, TreeMask):
+                blockwise = self.kind == "blockwise" or (self.kind == "auto" and x.shape[1] > self.block)
+                if blockwise:
+                    out = blockwise_attention(q, k, v, attn_mask, self.block)
+                else:
+                    out = dense_attention(q, k, v, dense_tree_mask(attn_mask))
+            else:
+                out = dense_attention(q, k, v, attn_mask)
         else:
             k_cache, v_cache = cache_kv
             # [B, T, K, hd] → [B, K, T, hd], written in place at slots cache_index..cache_index+T-1.
             k = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
             cache_kv = (k, v)
-            out = _gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
+            out = dense_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(x.dtype)
@@ -173,9 +186,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, options: RuntimeOptions):
         self.attn_norm = Norm(cfg, rngs)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, options)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
@@ -185,36 +198,57 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache_kv
 
 
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionKind = Literal["auto", "dense", "blockwise"]
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class RuntimeOptions:
-    """How to run the model (not what it is). None of these change a number beyond float rounding.
+def _block_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
+    """`f(block_state, x, positions, attn_mask, kv, cache_index) -> (x, kv)`: one block as a pure function, under
+    jax.checkpoint with the remat policy. A pure function rather than nnx.remat: nnx's transform refuses to run
+    inside a trace it did not start (the DPO reference forward under value_and_grad)."""
 
-    remat: what a block keeps for the backward pass — "none" (everything), "full" (only its input; recompute the
-      rest), "dots" (matmul outputs), "dots_no_batch" (matmul outputs without batch dimensions: weights-side
-      products); `True`/`False` mean "full"/"none".
-    scan_layers: run the layers as one `lax.scan` over stacked weights (one compiled layer: compile time and program
-      size independent of depth) instead of an unrolled Python loop.
-    attention: for sequences without a KV cache (training, scoring): "dense" materialises `[T, S]` logits per (row,
-      head); "blockwise" never does (online softmax over key blocks, the mask built per block); "auto" picks
-      blockwise when the sequence spans more than one block.
-    attention_block: query/key block length of the blockwise attention.
-    logits_chunk: sequence positions per chunk when computing label log-probs (`[rows, chunk, vocab]` logits at a
-      time, recomputed in the backward pass); 0 computes the whole `[rows, T, vocab]` at once.
-    """
+    def call(state, x, positions, attn_mask, kv, cache_index):
+        return nnx.merge(graphdef, state)(x, positions, attn_mask, kv, cache_index)
 
-    remat: RematPolicy | bool = "none"
-    scan_layers: bool = False
-    attention: AttentionKind = "auto"
-    attention_block: int = 512
-    logits_chunk: int = 0
+    if remat == "none":
+        return call
+    # Inside lax.scan the loop already keeps XLA from merging recomputation with the forward (prevent_cse not needed).
+    return jax.checkpoint(call, policy=_REMAT_POLICIES[remat], prevent_cse=not in_scan)
 
-    def __post_init__(self):
-        if isinstance(self.remat, bool):
-            object.__setattr__(self, "remat", "full" if self.remat else "none")
+
+def _stacked_path(path: tuple) -> tuple | None:
+    return path[:1] + path[2:] if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int) else None
+
+
+def stack_layers(state: nnx.State, num_layers: int) -> nnx.State:
+    """A Decoder parameter state in the unrolled layout (`layers/<i>/...`) → the stacked one (`layers/...` with a
+    leading `[num_layers]` axis, logical axis "layers")."""
+    flat = dict(nnx.to_flat_state(state))
+    out = [(path, v) for path, v in flat.items() if _stacked_path(path) is None]
+    for path, first in flat.items():
+        if _stacked_path(path) is None or path[1] != 0:
+            continue
+        rest = path[2:]
+        value = jnp.stack([flat[("layers", i, *rest)][...] for i in range(num_layers)])
+        axes = first.get_metadata().get("logical_axes") or (None,) * first[...].ndim
+        out.append((("layers", *rest), first.replace(value, logical_axes=("layers", *axes))))
+    return nnx.from_flat_state(out)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+    """The inverse of `stack_layers`."""
+    out = []
+    for path, v in nnx.to_flat_state(state):
+        if path[0] != "layers":
+            out.append((path, v))
+            continue
+        axes = (v.get_metadata().get("logical_axes") or (None,))[1:]
+        value = v[...]
+        out += [(("layers", i, *path[1:]), v.replace(value[i], logical_axes=axes)) for i in range(value.shape[0])]
+    return nnx.from_flat_state(out)
 
 
 class Decoder(nnx.Module):
@@ -224,7 +258,14 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.options = options
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs, options) for _ in range(cfg.num_layers)]
+        if options.scan_layers:
+            graphdef, first = nnx.split(blocks[0])
+            stacked = stack_layers(nnx.State({"layers": {i: nnx.split(b)[1] for i, b in enumerate(blocks)}}),
+                                   cfg.num_layers)
+            self.layers = nnx.merge(graphdef, stacked["layers"])
+        else:
+            self.layers = nnx.List(blocks)
         self.final_norm = Norm(cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
@@ -232,15 +273,26 @@ class Decoder(nnx.Module):
     def hidden_states(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=None):
         """Final normalised hidden states `[B, T, D]` and the updated cache.
 
-        tokens, positions: `[B, T]` int. attn_mask: `[B, T, S]` bool, S = T without a cache, else the cache length.
-        With a cache, the T new tokens are written at slots cache_index..cache_index+T-1 (same for every row).
+        tokens, positions: `[B, T]` int. attn_mask: `[B, T, S]` bool (S = T without a cache, else the cache
+        length), or a TreeMask of packed rows (no cache). With a cache, the T new tokens are written at slots
+        cache_index..cache_index+T-1 (same for every row).
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
+        if self.options.scan_layers:
+            if cache is not None:
+                raise ValueError("a scan_layers decoder runs without a KV cache; decode with the unrolled layout "
+                                 "(unstack_layers)")
+            graphdef, stacked = nnx.split(self.layers)
+            block = _block_fn(graphdef, self.options.remat, in_scan=True)
+            x, _ = jax.lax.scan(lambda h, layer: (block(layer, h, positions, attn_mask, None, None)[0], None),
+                                x, stacked)
+            return self.final_norm(x), None
         new_keys, new_values = [], []
-        for i, block in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            call = nnx.remat(Block.__call__) if self.options.remat != "none" else Block.__call__
-            x, kv = call(block, x, positions, attn_mask, kv, cache_index)
+            graphdef, state = nnx.split(layer)
+            x, kv = _block_fn(graphdef, self.options.remat, in_scan=False)(state, x, positions, attn_mask, kv,
+                                                                              cache_index)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
@@ -253,7 +305,32 @@ class Decoder(nnx.Module):
         head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
+    def label_logprobs(self, hidden: jax.Array, labels: jax.Array) -> jax.Array:
+        """`[B, T]` float32 log p(label) from final hidden states `[B, T, D]`. With `options.logits_chunk` the
+        `[B, chunk, vocab]` logits exist one chunk at a time and are recomputed in the backward pass (a 128k
+        vocabulary at 8k tokens is 4 GB of fp32 logits per row otherwise)."""
+        chunk = self.options.logits_chunk
+        t = hidden.shape[1]
+        if not chunk or chunk >= t:
+            return logprobs_of_labels(self.logits(hidden), labels)
+        pad = -t % chunk
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)))
+        b, n = hidden.shape[0], hidden.shape[1] // chunk
+        h_chunks = hidden.reshape(b, n, chunk, -1).swapaxes(0, 1)
+        l_chunks = labels.reshape(b, n, chunk).swapaxes(0, 1)
+        one_chunk = jax.checkpoint(lambda h, y: logprobs_of_labels(self.logits(h), y))
+        _, logps = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None, (h_chunks, l_chunks))
+        return logps.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
     def __call__(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=None):
         """(`[B, T, vocab]` float32 logits, updated cache or None)."""
         hidden, cache = self.hidden_states(tokens, positions, attn_mask, cache, cache_index)
         return self.logits(hidden), cache
+
+
+def logprobs_of_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """`[batch, seq]` log p(label) from `[batch, seq, vocab]` logits, in float32."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)

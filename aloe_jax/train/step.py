@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aloe_jax.data.packing import packed_attention_mask
 from aloe_jax.models import sharding
+from aloe_jax.models.attention import TreeMask
 from aloe_jax.train import losses
 from aloe_jax.train.config import DPOConfig, Objective
 
@@ -54,9 +54,10 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:
     """`[rows, seq]` float32 log p(label) of every position of the packed rows."""
     model = nnx.merge(graphdef, params)
-    mask = packed_attention_mask(batch["segment"], batch["visible_prefix"])
-    logits, _ = model(batch["tokens"], batch["positions"], mask)
-    return losses.token_logprobs(logits, batch["labels"])
+    # The mask goes in as per-token segments: the model builds it per attention block, or whole for dense attention.
+    mask = TreeMask(batch["segment"], batch["visible_prefix"])
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], mask)
+    return model.label_logprobs(hidden, batch["labels"])
 
 
 def pair_logprobs(token_logps: jax.Array, batch: dict, length_normalise: bool) -> tuple[jax.Array, jax.Array]:

@@ -59,12 +59,17 @@ class Trainer:
         """Drop the model's starting parameters when the state comes from a checkpoint instead."""
         self._params = None
 
+    def lower(self, state: TrainState, batch: dict) -> jax.stages.Lowered:
+        """The step lowered for these arguments (arrays or ShapeDtypeStructs with shardings): `.compile()` is the
+        program `step` runs."""
+        ref_shardings = self.param_shardings if self.ref_params is not None else None
+        jitted = compile_train_step(self._step_fn, self.shardings, batch, ref_shardings, self.mesh)
+        return jitted.lower(state, batch, self.ref_params)
+
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer step on a global batch (jax.Arrays over the mesh); `state` is donated."""
         if self._compiled is None:
-            ref_shardings = self.param_shardings if self.ref_params is not None else None
-            jitted = compile_train_step(self._step_fn, self.shardings, batch, ref_shardings, self.mesh)
-            self._compiled = jitted.lower(state, batch, self.ref_params).compile()
+            self._compiled = self.lower(state, batch).compile()
             if jax.process_count() > 1:
                 # Processes finish compiling at different times; the first collective of the step gives its peers
                 # only ~30 s (gloo on CPU) to join, so start the first step together.
@@ -113,7 +118,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
     else:
         state = trainer.init_state()
-        write_run_files(cfg.output_dir, cfg.objective, cfg.model or DEFAULT_MODEL, model.cfg, tokenizer)
+        write_run_files(cfg.output_dir, cfg.objective, cfg.model or DEFAULT_MODEL, model.cfg, tokenizer,
+                        scan_layers=cfg.scan_layers)
     del model  # its buffers now belong to `state`
 
     start = int(jax.device_get(state.step))
