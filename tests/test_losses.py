@@ -112,14 +112,18 @@ def packed(setup):
     return _packed_pair_stats(policy_dir, batch), _packed_pair_stats(reference_dir, batch)
 
 
-def _torch_dpo(naive_rows, beta: float, loss_type: str, label_smoothing: float) -> dict[str, float]:
-    """The DPO objective of each loss type written out independently, summed over pairs."""
+def _torch_dpo(naive_rows, beta: float, loss_type: str, label_smoothing: float,
+               length_normalise: bool | None = None) -> dict[str, float]:
+    """The DPO objective of each loss type written out independently, summed over pairs; log-probs are per-token
+    means for IPO and sums otherwise, unless `length_normalise` says which."""
     import torch
+
+    # IPO compares per-token averages, so long replies do not dominate the squared margin.
+    length_normalise = loss_type == "ipo" if length_normalise is None else length_normalise
 
     def logp(row, name, kind):
         total, length = row[name, kind]
-        # IPO compares per-token averages, so long replies do not dominate the squared margin.
-        return torch.tensor(total / length if loss_type == "ipo" else total, dtype=torch.float64)
+        return torch.tensor(total / length if length_normalise else total, dtype=torch.float64)
 
     out = {"loss": 0.0, "pairs": 0.0, "reward_accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0,
            "reward_margin": 0.0}
@@ -186,3 +190,47 @@ def test_sft_loss_is_mean_nll_of_preferred_judged_replies(setup, packed, naive):
     want_count = sum(r["policy", "preferred"][1] for r in naive)
     assert float(count) == want_count
     assert float(total) == pytest.approx(want_total, abs=1e-3, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trainer_loss_sums(setup):
+    """`loss_sums(loss_type, beta, label_smoothing)`: the trainer's own DPO objective (aloe_jax.train.step.loss_sums,
+    the function every micro-batch goes through) on the packed batch, policy and reference loaded from their folders."""
+    import functools
+
+    import jax
+
+    from aloe_jax.train.config import DPOConfig
+    from aloe_jax.train.step import loss_sums
+
+    _, _, batch, policy_dir, reference_dir = setup
+    graphdef, params = nnx.split(load_hf_model(str(policy_dir), read_hf_config(str(policy_dir))))
+    ref_params = nnx.split(load_hf_model(str(reference_dir), read_hf_config(str(reference_dir))))[1]
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def run(loss_type: str, beta: float, label_smoothing: float):
+        dpo = DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        fn = jax.jit(functools.partial(loss_sums, graphdef, "dpo", dpo))
+        return fn(params, ref_params, b)
+
+    return run
+
+
+@pytest.mark.parametrize("loss_type,beta,label_smoothing", [("sigmoid", 0.9, 0.0), ("sigmoid", 0.5, 0.2),
+                                                            ("ipo", 0.3, 0.0), ("hinge", 0.2, 0.0)])
+def test_trainer_dpo_objective_matches_pytorch_reference(trainer_loss_sums, naive, loss_type, beta, label_smoothing):
+    """The step's loss sums and metric sums equal the torch DPO of replies scored one by one: chosen and rejected in
+    the right order (a swap trains DPO backwards), and IPO on per-token means (the others on sums)."""
+    loss, sums = trainer_loss_sums(loss_type, beta, label_smoothing)
+    want = _torch_dpo(naive, beta, loss_type, label_smoothing)
+    assert float(sums["weight"]) == want["pairs"]
+    assert float(loss) == pytest.approx(want["loss"], abs=1e-4, rel=1e-5)
+    for name in ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin"):
+        assert float(sums[name]) == pytest.approx(want[name], abs=1e-4, rel=1e-5), name
+    # The reference tells the variants apart: IPO on sums, or any loss with chosen and rejected swapped, is far off.
+    if loss_type == "ipo":
+        assert abs(_torch_dpo(naive, beta, loss_type, label_smoothing, length_normalise=False)["loss"]
+                   - want["loss"]) > 1e-2
+    swapped = [{(model, kind): row[model, "rejected" if kind == "preferred" else "preferred"] for model, kind in row}
+               for row in naive]
+    assert abs(_torch_dpo(swapped, beta, loss_type, label_smoothing)["loss"] - want["loss"]) > 1e-2

@@ -11,11 +11,12 @@ import pytest
 from flax import nnx
 
 from aloe_jax.data.batch import collate
-from aloe_jax.data.packing import pack_tree
+from aloe_jax.data.packing import pack_tree, packed_attention_mask
 from aloe_jax.data.pipeline import DataConfig, global_batch
 from aloe_jax.models import sharding
 from aloe_jax.models.config import config_from_hf
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
+from aloe_jax.tokenizer import encode_chat
 from aloe_jax.train import optim
 from aloe_jax.train.checkpoint import Checkpointer, write_run_files
 from aloe_jax.train.config import DPOConfig, OptimConfig, TrainConfig
@@ -44,12 +45,17 @@ def mesh_of(data, fsdp, tensor):
                               devices=jax.devices()[:data * fsdp * tensor])
 
 
+def batch_trees(b: int):
+    """The 8 trees of host batch `b`, 1 to 3 turns each."""
+    return [make_tree(10 * b + i, turns=1 + (i % 3)) for i in range(8)]
+
+
 @pytest.fixture(scope="module")
 def batches(smollm2_tokenizer):
     """Three host batches of 8 packed trees of different lengths (so micro-batches hold unequal target counts)."""
     out = []
     for b in range(3):
-        trees = [pack_tree(smollm2_tokenizer, make_tree(10 * b + i, turns=1 + (i % 3)), SEQ) for i in range(8)]
+        trees = [pack_tree(smollm2_tokenizer, tree, SEQ) for tree in batch_trees(b)]
         batch = collate(trees, 8, SEQ, 3)
         batch["tokens"] %= VOCAB
         batch["labels"] %= VOCAB
@@ -83,6 +89,29 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(batches, objective):
                  for m in range(4)]
     early = jax.tree.map(lambda *g: sum(g) / 4, *per_micro)
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(big, jax.tree.leaves(early))) > 1e-4
+
+
+def test_accumulated_gradient_is_the_gradient_of_the_batch_mean_loss(batches):
+    """The gradient a step applies is jax.grad of the whole batch's mean target NLL, written out here from the logits:
+    the accumulated loss sums are divided by the batch's target count (a bare sum would scale every update with the
+    batch's number of targets)."""
+    mesh = mesh_of(2, 1, 1)
+    graphdef, params = nnx.split(tiny_model(mesh))
+    host = batches[0]
+    grad_fn = jax.jit(make_grad_fn(graphdef, "sft", DPOConfig(), 2, mesh))
+    grads, metrics = grad_fn(params, None, global_batch(host, mesh))
+    b = {name: jnp.asarray(value) for name, value in host.items()}
+
+    def mean_nll(p):
+        mask = packed_attention_mask(b["segment"], b["visible_prefix"])
+        logits, _ = nnx.merge(graphdef, p)(b["tokens"], b["positions"], mask)
+        logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), b["labels"][..., None], axis=-1)[..., 0]
+        return -jnp.sum(logps * b["sft_weight"]) / jnp.sum(b["sft_weight"])
+
+    loss, want = jax.jit(jax.value_and_grad(mean_nll))(params)
+    assert abs(float(metrics["loss"]) - float(loss)) <= 1e-5
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-6)
 
 
 def _losses(batches, mesh_shape, objective, tmp_path, steps=5):
@@ -123,11 +152,68 @@ def test_dpo_losses_at_the_reference_point_and_metrics(batches, loss_type, at_re
     assert float(metrics["targets"]) == float(batches[1]["pair_weight"].sum())
     for name in ("chosen_reward", "rejected_reward", "reward_margin"):
         assert abs(float(metrics[name])) < 1e-5
-    # Against a reference that is worse on every chosen reply the rewards separate and the accuracy is 1.
-    _, metrics = fn(params, jax.tree.map(lambda p: p * 0.0, params), batch)
-    assert "reward_accuracy" in metrics and 0.0 <= float(metrics["reward_accuracy"]) <= 1.0
-    np.testing.assert_allclose(float(metrics["reward_margin"]),
-                               float(metrics["chosen_reward"]) - float(metrics["rejected_reward"]), atol=1e-4)
+
+
+@nnx.jit
+def _causal_token_logps(model, tokens, valid):
+    """`[rows, seq - 1]` log p(tokens[:, t + 1]) of a plain causal forward over right-padded rows."""
+    n = tokens.shape[1]
+    mask = jnp.tril(jnp.ones((n, n), bool))[None] & valid[:, None, :]
+    logits, _ = model(tokens, jnp.broadcast_to(jnp.arange(n), tokens.shape), mask)
+    logps = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logps, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def _naive_pair_logps(model, tokenizer, trees) -> np.ndarray:
+    """`[judged pairs, 2]` (chosen, rejected) summed log-probs, each reply scored alone after its full history by a
+    plain causal forward (no packing, no pair gathering), token ids folded into VOCAB as in `batches`."""
+    rows, targets = [], []
+    for tree in trees:
+        for turn, t in enumerate(tree.turns):
+            if not t.judged:
+                continue
+            for kind in ("preferred", "rejected"):
+                reply = {"role": "assistant", "content": t.reply(kind)}
+                ids, mask = encode_chat(tokenizer, tree.history(turn) + [reply])
+                start = max(i for i in range(1, len(ids)) if mask[i] and not mask[i - 1])  # the last reply's span
+                rows.append([i % VOCAB for i in ids])
+                targets.append([i for i in range(start, len(ids)) if mask[i]])
+    tokens = np.zeros((len(rows), SEQ), np.int32)
+    valid = np.zeros((len(rows), SEQ), bool)
+    for r, ids in enumerate(rows):
+        tokens[r, :len(ids)], valid[r, :len(ids)] = ids, True
+    logps = np.asarray(_causal_token_logps(model, jnp.asarray(tokens), jnp.asarray(valid)))
+    return np.asarray([logps[r, np.asarray(t) - 1].sum() for r, t in enumerate(targets)]).reshape(-1, 2)
+
+
+def test_dpo_steps_raise_every_pairs_margin_and_the_accuracy_against_the_reference_is_1(batches, tmp_path,
+                                                                                         smollm2_tokenizer):
+    """A few Trainer DPO steps from policy = reference raise (chosen − rejected) of the policy over the reference's on
+    every pair, measured by scoring each reply alone; against that reference — worse on every chosen reply, relative
+    to its rejected one — the step reports reward accuracy 1 and the same mean margin. Trained backwards (chosen and
+    rejected swapped anywhere in the objective) the margins fall instead."""
+    trees = batch_trees(0)
+    assert all(pack_tree(smollm2_tokenizer, tree, SEQ).turns_cut == 0 for tree in trees)  # every pair is trained
+    mesh = mesh_of(1, 1, 1)
+    cfg = train_config(tmp_path, objective="dpo")
+    trainer = Trainer(cfg, tiny_model(mesh), mesh, total_steps=8)
+    state = trainer.init_state()
+    batch = global_batch(batches[0], mesh)
+    losses = []
+    for _ in range(8):
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1
+    reference = _naive_pair_logps(nnx.merge(trainer.graphdef, trainer.ref_params), smollm2_tokenizer, trees)
+    policy = _naive_pair_logps(nnx.merge(trainer.graphdef, state.params), smollm2_tokenizer, trees)
+    margins = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1])  # [pairs]
+    assert len(margins) == float(batches[0]["pair_weight"].sum()) and (margins > 0).all(), margins
+    _, metrics = jax.jit(make_grad_fn(trainer.graphdef, "dpo", cfg.dpo, 1, mesh))(state.params, trainer.ref_params,
+                                                                                  batch)
+    assert float(metrics["reward_accuracy"]) == 1.0
+    np.testing.assert_allclose(float(metrics["reward_margin"]), cfg.dpo.beta * margins.mean(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(float(metrics["chosen_reward"]),
+                               cfg.dpo.beta * (policy[:, 0] - reference[:, 0]).mean(), rtol=1e-3, atol=1e-4)
 
 
 def test_dpo_reference_stays_frozen_and_remat_and_bf16_compute_keep_the_numbers(batches, tmp_path):
