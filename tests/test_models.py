@@ -51,6 +51,42 @@ def test_logits_match_transformers_with_and_without_padding(family, tiny_model_d
         assert np.abs(ours[row, pad:] - ref[row, pad:]).max() <= 1e-4, f"row {row} (left padding {pad})"
 
 
+def test_llama31_rope_scaling_in_all_three_bands_matches_transformers(tmp_path):
+    """Llama 3.1 RoPE scaling keeps short wavelengths, slows long ones by `factor` and interpolates the band between:
+    with head_dim 32 and an original window of 32 positions every band holds a frequency, and positions run far past
+    that window, so the inverse frequencies and the logits must equal transformers' in all three."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from aloe_jax.models.rope import inverse_frequencies
+
+    theta, head_dim, original, low_factor, high_factor = 10000.0, 32, 32, 1.0, 4.0
+    rope = dict(rope_type="llama3", rope_theta=theta, factor=8.0, low_freq_factor=low_factor,
+                high_freq_factor=high_factor, original_max_position_embeddings=original)
+    # Band membership from the wavelengths of the unscaled frequencies (Llama 3.1's reference definition).
+    wavelength = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    high = wavelength < original / high_factor
+    low = wavelength > original / low_factor
+    medium = ~high & ~low
+    assert high.sum() >= 1 and medium.sum() >= 1 and low.sum() >= 1, (high.sum(), medium.sum(), low.sum())
+
+    folder = tiny_models.save_tiny_model("llama3", tmp_path / "llama31", head_dim=head_dim, rope_parameters=rope)
+    cfg = read_hf_config(folder)
+    assert cfg.head_dim == head_dim and cfg.rope_scaling is not None
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](tiny_models.hf_config("llama3", head_dim=head_dim,
+                                                                         rope_parameters=rope))
+    inv_freq = inverse_frequencies(cfg)
+    np.testing.assert_allclose(inv_freq, hf_inv_freq.double().numpy(), rtol=1e-6)
+    unscaled = 1 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    assert np.all(inv_freq[medium] < unscaled[medium]) and np.all(inv_freq[medium] > unscaled[medium] / 8)
+
+    model = load_hf_model(str(folder), cfg)
+    ids, valid = _batch(seq=120, left_pad=(0, 7, 30))
+    assert masks.positions_from_valid(jnp.asarray(valid)).max() > 3 * original
+    ours, ref = _our_logits(model, ids, valid), _torch_logits(folder, ids, valid)
+    for row, pad in enumerate((0, 7, 30)):
+        assert np.abs(ours[row, pad:] - ref[row, pad:]).max() <= 1e-4, f"row {row} (left padding {pad})"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_incremental_decoding_equals_full_forward(family, tiny_model_dirs):
     folder = tiny_model_dirs[family]

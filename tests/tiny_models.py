@@ -22,21 +22,22 @@ FAMILIES = {
 }
 
 
-def hf_config(name: str):
-    """The transformers config object of a tiny model family."""
+def hf_config(name: str, **overrides):
+    """The transformers config object of a tiny model family, with `overrides` of its fields."""
     import transformers
 
     cls_name, extra = FAMILIES[name]
-    return getattr(transformers, cls_name)(**{**_COMMON, **extra})
+    return getattr(transformers, cls_name)(**{**_COMMON, **extra, **overrides})
 
 
-def save_tiny_model(name: str, folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Create a tiny random model of family `name`, `save_pretrained` it to `folder` (fp32), return the folder."""
+def save_tiny_model(name: str, folder: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
+    """Create a tiny random model of family `name` (config fields changed by `overrides`), `save_pretrained` it to
+    `folder` (fp32), return the folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(name), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(name, **overrides), dtype=torch.float32)
     # Random (not zero/one) biases and norm weights, so a mapping mistake in any of them shows up in the logits.
     with torch.no_grad():
         for pname, param in model.named_parameters():
