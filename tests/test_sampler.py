@@ -132,6 +132,25 @@ def test_per_row_budgets_stops_reasons_and_counts(stop_sampler, free_greedy, sto
     assert "stop" in {g.finish_reason for g in results}, "a row should stop within its budget"
 
 
+def test_each_of_several_stop_ids_ends_its_row(model, torch_model, free_greedy):
+    """Three stop ids, each emitted by exactly one row (and by no other row at all): every row ends at its own, the
+    smallest, middle and largest id alike, as transformers' generate with the same list of eos ids does."""
+    stops = []
+    for row in (1, 2, 3):
+        others = {t for r, tokens in enumerate(free_greedy) if r != row for t in tokens}
+        tokens = free_greedy[row]
+        stops.append(next(t for i, t in enumerate(tokens) if i and t not in others and t not in tokens[:i]))
+    results = Sampler(model, pad_id=0, stop_ids=stops).generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+    assert [g.stop_token for g in results] == [None] + stops
+    for prompt, free, got in zip(PROMPTS, free_greedy, results):
+        cut = next((i for i, t in enumerate(free) if t in stops), len(free))
+        assert got.tokens == free[:cut] and got.completion_tokens == min(cut + 1, MAX_NEW)
+        with torch.no_grad():
+            ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
+                                       eos_token_id=stops, pad_token_id=0)[0, len(prompt):].tolist()
+        assert _with_stop(got) == ref
+
+
 def test_seeded_sampling_is_reproducible(free_sampler, free_greedy):
     params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=7)
     first = free_sampler.generate(PROMPTS, params)
@@ -195,6 +214,23 @@ def test_nucleus_from_top_candidates_equals_a_full_sort(monkeypatch, scales):
                                                      jax.nn.logsumexp(logits, axis=-1), 0.9)[1]
     assert list(np.asarray(fast_path_ok)) == [s > 1 for s in scales]
     assert (got.sum(-1) > 64).tolist() == [s < 1 for s in scales]  # the flat row keeps far more than the candidates
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (40, 0.7), (40, 0.95)])
+def test_top_k_and_top_p_after_top_k_keep_exactly_the_reference_set(top_k, top_p):
+    """Top-k keeps exactly the k most likely tokens; top-p after it keeps the nucleus of the distribution renormalised
+    over those k (as HF's top-k then top-p warpers do), checked against a full sort."""
+    from aloe_jax.sampling import sampler as sampler_module
+
+    logits = (np.random.RandomState(1).randn(4, 300) * 3).astype(np.float32)  # [rows, vocab], no ties
+    mode = sampler_module._Mode(greedy=False, top_k=top_k, nucleus=top_p < 1, logprobs=-1)
+    filtered = jax.jit(lambda x: sampler_module._filter_logits(x, jnp.float32(top_p), mode))(logits)
+    got = np.isfinite(np.asarray(filtered))
+    in_top_k = logits >= np.sort(logits, axis=-1)[:, -top_k][:, None]
+    assert (in_top_k.sum(-1) == top_k).all()
+    want = in_top_k & _reference_nucleus(np.where(in_top_k, logits, -np.inf), top_p) if top_p < 1 else in_top_k
+    np.testing.assert_array_equal(got, want)
+    assert top_p == 1 or (want.sum(-1) < top_k).all(), "the nucleus should cut into the top-k set"
 
 
 @contextlib.contextmanager
