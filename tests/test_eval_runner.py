@@ -244,6 +244,39 @@ def test_report_and_compare(tmp_path, capsys):
         report.compare([str(tmp_path / "base")], str(tmp_path / "cmp"))
 
 
+def test_al_curve_plot_draws_turn_k_at_x_k(tmp_path, monkeypatch):
+    """The plot's line, markers, 95% band, fit and expected-score line put turn k at x = k (k = 1..K), the x the fit's
+    slope and intercept are defined over."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aloe_jax.eval import metrics
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure open to read what was drawn
+    scores = np.array([[2, 4, 4, 5], [4, np.nan, 5, 5], [3, 3, 4, 4]], float)  # 3 cases × 4 turns
+    summary = metrics.summarise(scores, n_resamples=50)
+    expected = metrics.summarise(scores - 0.5, n_resamples=50)
+    report.plot_curves([("run", summary)], str(tmp_path / report.PLOT_FILE), expected=[expected])
+    (figure,) = figures
+    (axes,) = figure.axes
+    by_style = {line.get_linestyle(): line for line in axes.lines}  # AL(k) solid, fit dashed, expected dotted
+    turns = [1, 2, 3, 4]
+    al = np.nanmean(scores, axis=0)
+    np.testing.assert_array_equal(by_style["-"].get_xdata(), turns)
+    np.testing.assert_allclose(by_style["-"].get_ydata(), al)
+    np.testing.assert_array_equal(by_style[":"].get_xdata(), turns)
+    np.testing.assert_allclose(by_style[":"].get_ydata(), al - 0.5)
+    slope, intercept = np.polyfit(turns, al, 1)
+    np.testing.assert_array_equal(by_style["--"].get_xdata(), turns)
+    np.testing.assert_allclose(by_style["--"].get_ydata(), intercept + slope * np.asarray(turns))
+    band_x = np.concatenate([path.vertices[:, 0] for path in axes.collections[0].get_paths()])
+    assert (band_x.min(), band_x.max()) == (1, 4)
+    assert [int(t) for t in axes.get_xticks()] == turns
+
+
 def _save_trainer_checkpoint(run_dir, model_cfg, tokenizer):
     """A run folder on gs:// as the trainer leaves it: run files plus an Orbax checkpoint of a fresh model."""
     from flax import nnx

@@ -204,6 +204,12 @@ def test_template_without_generation_tags_fails_loudly(tokenizers, stock_smollm2
                            "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
     with pytest.raises(ChatTemplateError, match="covers 1 spans for 3 assistant replies"):
         encode_chat(stock, TURNS)
+    # Too many spans is as wrong as too few: each reply masked twice, around an unmasked special token.
+    stock.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+                           "{% endgeneration %}<|im_start|>{% generation %}{{ m.content }}{% endgeneration %}"
+                           "{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="covers 6 spans for 3 assistant replies"):
+        encode_chat(stock, TURNS)
 
 
 def test_bad_conversations_raise_data_errors(tokenizers):
