@@ -1,0 +1,107 @@
+"""Memory and time of one SmolLM2 SFT step at 2 × 2,048 tokens: dense attention (`[T, T]` logits per row and head)
+vs blockwise attention (+ label log-probs in chunks), each in its own process so that peak RSS is the step's own.
+
+Same weights (the embedded SmolLM2-135M-Instruct, fp32), same two packed 10-turn trees padded to 2,048 tokens, same
+optimizer; every variant runs one warm-up step (compilation) and then `--steps` timed steps. Peak memory is the
+process's maximum resident set (ru_maxrss) minus its RSS after loading the model, i.e. what the step itself needs.
+
+    .venv/bin/python -m benchmarks.attention_memory [--steps 2] [--seq 2048] [--variants dense,blockwise]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "dense": dict(attention="dense", logits_chunk=0),
+    "blockwise": dict(attention="blockwise", attention_block=512, logits_chunk=0),
+    "blockwise+chunked-logits": dict(attention="blockwise", attention_block=512, logits_chunk=512),
+}
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_variant(name: str, steps: int, seq: int) -> dict:
+    """One variant in this process: {variant, step_s: [...], peak_gib, loss}."""
+    import jax
+
+    from aloe_jax.data.batch import collate
+    from aloe_jax.data.packing import pack_tree
+    from aloe_jax.data.pipeline import DataConfig, global_batch
+    from aloe_jax.models import sharding
+    from aloe_jax.models.loader import load_model
+    from aloe_jax.train.config import OptimConfig, TrainConfig
+    from aloe_jax.train.trainer import Trainer, runtime_options
+    from benchmarks.train import make_data
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+    cfg = TrainConfig(objective="sft", output_dir="unused", compute_dtype="float32", batch_size=2,
+                      data=DataConfig(path="unused", seq_len=seq, max_pairs=10),
+                      optim=OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0), **VARIANTS[name])
+    model, tokenizer = load_model(None, mesh=mesh, options=runtime_options(cfg))
+    # Trees long enough to fill the row: ALOE-like 10-turn trees, cut at turn boundaries to `seq`.
+    packed = [p for p in (pack_tree(tokenizer, t, seq, rejected_branches=False) for t in make_data(8, 30)) if p]
+    packed.sort(key=len, reverse=True)
+    trainer = Trainer(cfg, model, mesh, total_steps=steps + 1)
+    del model
+    state = trainer.init_state()
+    batch = global_batch(collate(packed[:2], 2, seq, 10, tokenizer.pad_token_id), mesh)
+    base_rss = _rss_gib()
+    seconds, loss = [], None
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        loss = float(jax.device_get(metrics["loss"]))
+        if step:
+            seconds.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return dict(variant=name, step_s=seconds, peak_gib=peak, step_peak_gib=peak - base_rss, loss=loss,
+                tokens=[len(p) for p in packed[:2]], seq=seq)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--variants", default="dense,blockwise,blockwise+chunked-logits")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant and print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.one, args.steps, args.seq)))
+        return
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    results = []
+    for name in args.variants.split(","):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.attention_memory", "--one", name, "--steps",
+                              str(args.steps), "--seq", str(args.seq)], capture_output=True, text=True, env=env)
+        if out.returncode:
+            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r for r in results if r["variant"] == "dense"), None)
+    print(f"SmolLM2-135M SFT step, 2 rows x {args.seq} tokens, fp32, 1 CPU device, {args.steps} timed steps each")
+    print(f"{'variant':<26} {'step s (mean)':>14} {'peak RSS GiB':>13} {'step peak GiB':>14} {'loss':>9}")
+    for r in results:
+        mean = sum(r["step_s"]) / len(r["step_s"])
+        line = f"{r['variant']:<26} {mean:>14.2f} {r['peak_gib']:>13.2f} {r['step_peak_gib']:>14.2f} {r['loss']:>9.5f}"
+        if base and r is not base:
+            base_mean = sum(base["step_s"]) / len(base["step_s"])
+            line += f"   time x{mean / base_mean:.2f}, step memory x{r['step_peak_gib'] / base['step_peak_gib']:.2f}"
+        print(line)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
