@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "aloe_jax.eval.cli",
     "aloe_jax.train.cli",
     "aloe_jax.quickstart",
+    "aloe_jax.aot.cli",
 )
 
 
@@ -110,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         _enable_compilation_cache()
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)  # a command may return a non-zero exit code that is not an error (compile: "does not fit")
     except AloeError as err:
         print(f"aloe-jax {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"aloe-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

