@@ -234,6 +234,13 @@ def test_stop_token_ids(tokenizers, name, expected):
     assert stop_token_ids(tokenizer) == tokenizer.convert_tokens_to_ids(expected)
 
 
+def test_chatml_tokenizer_whose_eos_is_end_of_text_still_stops_at_the_end_of_a_turn(smollm2_tokenizer):
+    # Base-model ChatML tokenizers (Qwen2 base) have eos <|endoftext|>; a reply still ends with <|im_end|>.
+    base = _with_specials(smollm2_tokenizer, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                          eos_token="<|endoftext|>")
+    assert stop_token_ids(base) == base.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+
+
 def test_template_name_for(tokenizers):
     for name, (model_type, *_) in FAMILIES.items():
         assert template_name_for(model_type, tokenizers[name]) == name
