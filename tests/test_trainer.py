@@ -35,7 +35,9 @@ def tiny_cfg(dtype="float32"):
 
 
 def tiny_model(mesh, seed=0, **kw):
-    options = RuntimeOptions(remat=kw.pop("remat", False))
+    # Blockwise attention over 64-token blocks (3 per 192-token row): every trainer test runs the training kernel.
+    options = RuntimeOptions(remat=kw.pop("remat", False), scan_layers=kw.pop("scan", False), attention="blockwise",
+                             attention_block=64)
     model = Decoder(tiny_cfg(**kw), nnx.Rngs(seed), options)
     return sharding.shard_model(model, mesh)
 
@@ -114,10 +116,10 @@ def test_accumulated_gradient_is_the_gradient_of_the_batch_mean_loss(batches):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-6)
 
 
-def _losses(batches, mesh_shape, objective, tmp_path, steps=5):
+def _losses(batches, mesh_shape, objective, tmp_path, steps=5, scan=False):
     mesh = mesh_of(*mesh_shape)
     cfg = train_config(tmp_path, objective=objective, micro_batches=1)
-    trainer = Trainer(cfg, tiny_model(mesh), mesh, total_steps=steps)
+    trainer = Trainer(cfg, tiny_model(mesh, scan=scan), mesh, total_steps=steps)
     state = trainer.init_state()
     out = []
     for i in range(steps):
@@ -129,15 +131,18 @@ def _losses(batches, mesh_shape, objective, tmp_path, steps=5):
 def test_sft_loss_trajectory_agrees_across_meshes(batches, tmp_path):
     reference = _losses(batches, (1, 1, 1), "sft", tmp_path)
     assert reference[-1] < reference[0] - 0.05  # it trains
-    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
-        np.testing.assert_allclose(_losses(batches, shape, "sft", tmp_path), reference, rtol=2e-5, err_msg=str(shape))
+    for shape, scan in [((8, 1, 1), False), ((2, 2, 2), False), ((1, 4, 2), False), ((2, 2, 2), True)]:
+        np.testing.assert_allclose(_losses(batches, shape, "sft", tmp_path, scan=scan), reference, rtol=2e-5,
+                                   err_msg=str((shape, scan)))
 
 
 def test_dpo_loss_trajectory_agrees_across_meshes(batches, tmp_path):
     reference = _losses(batches, (1, 1, 1), "dpo", tmp_path)
     assert abs(reference[0] - np.log(2)) < 1e-5  # policy == reference at step 0: σ(0) for every pair
     assert reference[-1] < reference[0]
-    np.testing.assert_allclose(_losses(batches, (2, 2, 2), "dpo", tmp_path), reference, rtol=2e-5, atol=1e-6)
+    for scan in (False, True):  # stacked layers under lax.scan on the sharded mesh give the same trajectory
+        np.testing.assert_allclose(_losses(batches, (2, 2, 2), "dpo", tmp_path, scan=scan), reference, rtol=2e-5,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type, at_reference", [("sigmoid", np.log(2)), ("ipo", (1 / (2 * 0.5)) ** 2),
