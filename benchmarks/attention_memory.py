@@ -1,9 +1,12 @@
 """Memory and time of one SmolLM2 SFT step at 2 × 2,048 tokens: dense attention (`[T, T]` logits per row and head)
 vs blockwise attention (+ label log-probs in chunks), each in its own process so that peak RSS is the step's own.
 
-Same weights (the embedded SmolLM2-135M-Instruct, fp32), same two packed 10-turn trees padded to 2,048 tokens, same
-optimizer; every variant runs one warm-up step (compilation) and then `--steps` timed steps. Peak memory is the
-process's maximum resident set (ru_maxrss) minus its RSS after loading the model, i.e. what the step itself needs.
+Same weights (the embedded SmolLM2-135M-Instruct, fp32), the same two packed trees filling 2,048 tokens, same
+optimizer; every variant runs one warm-up step (compilation) and then `--steps` timed steps. Memory: the process's
+peak resident set (ru_maxrss), that minus its RSS before the first step (what the step itself needs), and XLA's own
+temporary-buffer size of the compiled step. On this 24 GB machine the dense step at 2 × 2,048 asks for ~35 GB (with
+or without remat: XLA:CPU keeps remat from saving memory in the unrolled layer loop; under scan_layers it works) and
+is refused; run `--seq 1024` for a same-run time comparison.
 
     .venv/bin/python -m benchmarks.attention_memory [--steps 2] [--seq 2048] [--variants dense,blockwise]
 """
@@ -73,8 +76,9 @@ def run_variant(name: str, steps: int, seq: int) -> dict:
         if step:
             seconds.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return dict(variant=name, step_s=seconds, peak_gib=peak, step_peak_gib=peak - base_rss, loss=loss,
-                tokens=[len(p) for p in packed[:2]], seq=seq)
+    temp = trainer._compiled.memory_analysis().temp_size_in_bytes / 2**30  # XLA's own buffer accounting
+    return dict(variant=name, step_s=seconds, peak_gib=peak, step_peak_gib=peak - base_rss, xla_temp_gib=temp,
+                loss=loss, tokens=[len(p) for p in packed[:2]], seq=seq)
 
 
 def main() -> None:
@@ -99,10 +103,12 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     by_name = {r["variant"]: r for r in results}
     print(f"SmolLM2-135M SFT step, 2 rows x {args.seq} tokens, fp32, 1 CPU device, {args.steps} timed steps each")
-    print(f"{'variant':<30} {'step s (mean)':>14} {'peak RSS GiB':>13} {'step peak GiB':>14} {'loss':>9}")
+    print(f"{'variant':<30} {'step s (mean)':>14} {'peak RSS GiB':>13} {'step peak GiB':>14} {'XLA temp GiB':>13} "
+          f"{'loss':>9}")
     for r in results:
         mean = sum(r["step_s"]) / len(r["step_s"])
-        line = f"{r['variant']:<30} {mean:>14.2f} {r['peak_gib']:>13.2f} {r['step_peak_gib']:>14.2f} {r['loss']:>9.5f}"
+        line = (f"{r['variant']:<30} {mean:>14.2f} {r['peak_gib']:>13.2f} {r['step_peak_gib']:>14.2f} "
+                f"{r.get('xla_temp_gib', float('nan')):>13.2f} {r['loss']:>9.5f}")
         base = by_name.get("dense+remat" if "remat" in r["variant"] else "dense")  # same remat, dense attention
         if base and r is not base:
             base_mean = sum(base["step_s"]) / len(base["step_s"])

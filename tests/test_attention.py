@@ -190,3 +190,24 @@ def test_stacked_layers_round_trip_and_checkpoint_of_a_scan_run_loads_unrolled(t
 def test_remat_true_and_false_spell_full_and_none():
     assert RuntimeOptions(remat=True).remat == "full" and RuntimeOptions(remat=False).remat == "none"
     assert dataclasses.replace(RuntimeOptions(), remat=True).remat == "full"
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_configured_kernel_and_remat_policy_are_what_runs(scan, tree_batch):
+    """Memory options change no number, so the tests above cannot see them: check the traced program instead."""
+    def program(options):
+        model = Decoder(_tiny_cfg("float32"), nnx.Rngs(0), options)
+        graphdef, params = nnx.split(model)
+        mask = TreeMask(tree_batch["segment"], tree_batch["visible_prefix"])
+
+        def loss(p):
+            hidden, _ = nnx.merge(graphdef, p).hidden_states(tree_batch["tokens"], tree_batch["positions"], mask)
+            return jnp.sum(hidden)
+        return str(jax.make_jaxpr(loss)(params))  # the forward as traced: kernels and remat are primitives
+
+    fast = program(RuntimeOptions(attention="blockwise", attention_block=64, remat="full", scan_layers=scan))
+    plain = program(RuntimeOptions(attention="dense", scan_layers=scan))
+    assert "custom_vjp_call" in fast and "custom_vjp_call" not in plain
+    assert "remat2[" in fast and "remat2[" not in plain  # jax.checkpoint traces as remat2
+    auto_short = program(RuntimeOptions(attention="auto", attention_block=512))  # 160 tokens: one block → dense
+    assert "custom_vjp_call" not in auto_short

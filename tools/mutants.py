@@ -36,6 +36,9 @@ _PIPELINE = "tests/test_data_pipeline.py"
 _THREE_BANDS = f"{_MODELS}::test_llama31_rope_scaling_in_all_three_bands_matches_transformers"
 _LOGITS_PARITY = f"{_MODELS}::test_logits_match_transformers_with_and_without_padding"
 _EXPORT = f"{_MODELS}::test_export_round_trip_and_transformers_loads_export"
+_ATTENTION_KERNEL = "tests/test_attention.py::test_blockwise_kernel_equals_dense_on_tree_masks_forward_and_gradient"
+_STACKED = "tests/test_attention.py::test_stacked_layers_round_trip_and_checkpoint_of_a_scan_run_loads_unrolled"
+_WHAT_RUNS = "tests/test_attention.py::test_the_configured_kernel_and_remat_policy_are_what_runs"
 _CHECKPOINT = f"{_TRAINER}::test_checkpoint_restores_onto_another_mesh_with_data_position_and_loads_as_a_model"
 
 MUTANTS: list[Mutant] = [
@@ -233,6 +236,47 @@ MUTANTS: list[Mutant] = [
            "return _Item(packed, turns_cut=packed.turns_cut)",
            (f"{_PIPELINE}::test_cut_report_counts_turns_cut_and_trees_dropped",),
            "turns cut by max_pairs are missing from the packing report"),
+    # --- memory-efficient training paths (issue 16): blockwise attention, stacked layers, chunked log-probs, remat --
+    Mutant("blockwise_skips_diagonal_block", "aloe_jax/models/attention.py",
+           "m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)",
+           "m, l, acc = jax.lax.fori_loop(0, i, key_block, init)",
+           (_ATTENTION_KERNEL,), "blockwise forward never visits the diagonal block (queries lose their own block)"),
+    Mutant("blockwise_backward_skips_diagonal", "aloe_jax/models/attention.py",
+           "dq, dk_j, dv_j = jax.lax.fori_loop(j, n, query_block, (dq, zeros, zeros))",
+           "dq, dk_j, dv_j = jax.lax.fori_loop(j + 1, n, query_block, (dq, zeros, zeros))",
+           (_ATTENTION_KERNEL,), "blockwise backward drops the diagonal block's gradient"),
+    Mutant("blockwise_backward_delta_missing", "aloe_jax/models/attention.py",
+           "ds = (p * (dp - delta[i][..., None]) * scale).astype(dtype)",
+           "ds = (p * dp * scale).astype(dtype)",
+           (_ATTENTION_KERNEL,), "softmax backward without the rowsum(dO * O) term"),
+    Mutant("blockwise_padding_keys_visible", "aloe_jax/models/attention.py",
+           "jnp.pad(mask.segment, ((0, 0), (0, pad)), constant_values=-1)",
+           "jnp.pad(mask.segment, ((0, 0), (0, pad)), constant_values=0)",
+           (_ATTENTION_KERNEL,), "keys added to pad T to a block multiple join the spine and are attended"),
+    Mutant("auto_attention_never_blockwise", "aloe_jax/models/decoder.py",
+           'blockwise = self.kind == "blockwise" or (self.kind == "auto" and x.shape[1] > self.block)',
+           'blockwise = self.kind == "auto" and x.shape[1] > self.block',
+           (_WHAT_RUNS,), "attention='blockwise' silently runs dense (the memory saving is lost)"),
+    Mutant("stacked_layers_in_wrong_order", "aloe_jax/models/decoder.py",
+           'value = jnp.stack([flat[("layers", i, *rest)][...] for i in range(num_layers)])',
+           'value = jnp.stack([flat[("layers", i, *rest)][...] for i in reversed(range(num_layers))])',
+           (_STACKED,), "scan_layers runs the layers in reverse order"),
+    Mutant("unstack_keeps_layer_axis", "aloe_jax/models/decoder.py",
+           'out += [(("layers", i, *path[1:]), v.replace(value[i], logical_axes=axes)) for i in range(value.shape[0])]',
+           'out += [(("layers", i, *path[1:]), v.replace(value[0], logical_axes=axes)) for i in range(value.shape[0])]',
+           (_STACKED,), "a scan run's checkpoint loads every layer as the first one"),
+    Mutant("chunked_logprobs_labels_shifted", "aloe_jax/models/decoder.py",
+           "l_chunks = labels.reshape(b, n, chunk).swapaxes(0, 1)",
+           "l_chunks = jnp.roll(labels, 1, axis=1).reshape(b, n, chunk).swapaxes(0, 1)",
+           ("tests/test_attention.py::test_blockwise_attention_and_chunked_logprobs_equal_dense_for_every_family",),
+           "chunked label log-probs read each label one position late"),
+    Mutant("checkpoint_layout_not_recorded", "aloe_jax/train/checkpoint.py",
+           '"scan_layers": scan_layers}', '"scan_layers": False}',
+           (_STACKED,), "a scan run's folder does not say its layers are stacked: it cannot load as a model"),
+    Mutant("remat_policy_ignored_under_scan", "aloe_jax/models/decoder.py",
+           "block = _block_fn(graphdef, self.options.remat, in_scan=True)",
+           'block = _block_fn(graphdef, "none", in_scan=True)',
+           (_WHAT_RUNS,), "remat is silently off with scan_layers"),
     # --- tokenizer masks and stop tokens --------------------------------------------------------------------------
     Mutant("stop_ids_miss_end_of_turn", "aloe_jax/tokenizer.py",
            '_END_TOKENS = ("<|im_end|>", "<|eot_id|>",', '_END_TOKENS = ("<|eot_id|>",',
