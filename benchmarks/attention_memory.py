@@ -9,6 +9,7 @@ or without remat: XLA:CPU keeps remat from saving memory in the unrolled layer l
 is refused; run `--seq 1024` for a same-run time comparison.
 
     .venv/bin/python -m benchmarks.attention_memory [--steps 2] [--seq 2048] [--variants dense,blockwise]
+    .venv/bin/python -m benchmarks.attention_memory --compile-only --seq 1024   # XLA temporaries, no run
 """
 
 from __future__ import annotations
@@ -81,13 +82,44 @@ def run_variant(name: str, steps: int, seq: int) -> dict:
                 loss=loss, tokens=[len(p) for p in packed[:2]], seq=seq)
 
 
+def compiled_temporaries(seq: int) -> None:
+    """XLA's temporary-buffer size of the SmolLM2 gradient (2 rows x `seq`, fp32) per variant, compiled only (no
+    weights, no run): remat's effect in the unrolled layer loop vs under scan_layers."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from aloe_jax.models.attention import TreeMask
+    from aloe_jax.models.decoder import Decoder, RuntimeOptions
+    from aloe_jax.models.presets import preset_config
+
+    cfg = preset_config("smollm2-135m", param_dtype="float32", dtype="float32")
+    ints = jax.ShapeDtypeStruct((2, seq), jnp.int32)
+    print(f"XLA temporaries of the SmolLM2 gradient, 2 x {seq} tokens, fp32 (compiled, not run)")
+    for name, options in VARIANTS.items():
+        graphdef, params = nnx.split(nnx.eval_shape(lambda o=options: Decoder(cfg, nnx.Rngs(0), RuntimeOptions(**o))))
+
+        def loss(p, tokens, segment, prefix):
+            model = nnx.merge(graphdef, p)
+            hidden, _ = model.hidden_states(tokens, jnp.broadcast_to(jnp.arange(seq), (2, seq)),
+                                            TreeMask(segment, prefix))
+            return jnp.sum(model.label_logprobs(hidden, tokens))
+
+        compiled = jax.jit(jax.grad(loss)).lower(params, ints, ints, ints).compile()
+        print(f"{name:<30} {compiled.memory_analysis().temp_size_in_bytes / 2**30:>8.2f} GiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant and print its JSON
+    parser.add_argument("--compile-only", action="store_true", help="only XLA's temporaries of each variant's gradient")
     args = parser.parse_args()
+    if args.compile_only:
+        compiled_temporaries(args.seq)
+        return
     if args.one:
         print(json.dumps(run_variant(args.one, args.steps, args.seq)))
         return

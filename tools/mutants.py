@@ -252,7 +252,9 @@ MUTANTS: list[Mutant] = [
     Mutant("blockwise_padding_keys_visible", "aloe_jax/models/attention.py",
            "jnp.pad(mask.segment, ((0, 0), (0, pad)), constant_values=-1)",
            "jnp.pad(mask.segment, ((0, 0), (0, pad)), constant_values=0)",
-           (_ATTENTION_KERNEL,), "keys added to pad T to a block multiple join the spine and are attended"),
+           (_ATTENTION_KERNEL,), "keys added to pad T to a block multiple join the spine and are attended",
+           equivalent="the padding keys sit after every real query, so the causal order already hides them from "
+                      "all real queries; only padding queries (whose outputs are never used) could see them"),
     Mutant("auto_attention_never_blockwise", "aloe_jax/models/decoder.py",
            'blockwise = self.kind == "blockwise" or (self.kind == "auto" and x.shape[1] > self.block)',
            'blockwise = self.kind == "auto" and x.shape[1] > self.block',

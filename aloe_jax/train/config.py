@@ -65,7 +65,7 @@ class TrainConfig(StrictModel):
     compute_dtype: DType = "bfloat16"  # activations and matmuls
     # How the model runs (aloe_jax.models.decoder.RuntimeOptions explains each): recompute block activations in the
     # backward pass (true = "full"), scan the layers, blockwise attention, label log-probs in sequence chunks.
-    remat: Literal["none", "full", "dots", "dots_no_batch"] | bool = False
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # true / false in YAML mean full / none
     scan_layers: bool = False
     attention: Literal["auto", "dense", "blockwise"] = "auto"
     attention_block: int = pydantic.Field(512, gt=0)
@@ -80,6 +80,11 @@ class TrainConfig(StrictModel):
     dpo: DPOConfig = DPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @pydantic.field_validator("remat", mode="before")
+    @classmethod
+    def _remat_bool(cls, value):
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @pydantic.model_validator(mode="after")
     def _micro_batches_divide_batch(self) -> "TrainConfig":
