@@ -211,3 +211,16 @@ def test_the_configured_kernel_and_remat_policy_are_what_runs(scan, tree_batch):
     assert "remat2[" in fast and "remat2[" not in plain  # jax.checkpoint traces as remat2
     auto_short = program(RuntimeOptions(attention="auto", attention_block=512))  # 160 tokens: one block → dense
     assert "custom_vjp_call" not in auto_short
+
+
+def test_resuming_a_run_with_the_other_layer_layout_is_one_clear_error(tmp_path, smollm2_tokenizer):
+    from aloe_jax.data.pipeline import DataConfig
+    from aloe_jax.errors import ConfigError
+    from aloe_jax.train.checkpoint import write_run_files
+    from aloe_jax.train.config import TrainConfig
+    from aloe_jax.train.trainer import run
+
+    write_run_files(str(tmp_path), "sft", "tiny", _tiny_cfg("float32"), smollm2_tokenizer, scan_layers=True)
+    cfg = TrainConfig(output_dir=str(tmp_path), data=DataConfig(path=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ConfigError, match="trained with scan_layers=true"):
+        run(cfg)

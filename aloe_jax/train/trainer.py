@@ -92,6 +92,20 @@ def _load(spec: str | None, cfg: TrainConfig, mesh: Mesh):
                       options=runtime_options(cfg))
 
 
+def _check_resume_layout(cfg: TrainConfig) -> None:
+    """A run folder's checkpoints hold layers in the layout they were trained with: resuming with the other
+    scan_layers setting cannot restore them, so say so before anything loads."""
+    from aloe_jax import storage
+    from aloe_jax.train.checkpoint import RUN_INFO_FILE, read_run_info
+
+    if not cfg.checkpoint.resume or not storage.exists(storage.join(cfg.output_dir, RUN_INFO_FILE)):
+        return
+    saved = read_run_info(cfg.output_dir).get("scan_layers", False)
+    if saved != cfg.scan_layers:
+        raise ConfigError(f"output_dir {cfg.output_dir!r} was trained with scan_layers={str(saved).lower()}; resume "
+                          f"it with scan_layers={str(saved).lower()} (or use a new output_dir)")
+
+
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Train as `cfg` says (resuming when the run folder has a checkpoint); returns the last logged metrics."""
     from aloe_jax import distributed
@@ -100,6 +114,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     from aloe_jax.train.checkpoint import Checkpointer, write_run_files
     from aloe_jax.train.logging import MetricsLogger, peak_flops_per_device, train_flops_per_token
 
+    _check_resume_layout(cfg)
     distributed.maybe_initialize()
     mesh = sharding.make_mesh(cfg.mesh)
     model, tokenizer = _load(cfg.model, cfg, mesh)
