@@ -219,17 +219,17 @@ def _block_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
     return jax.checkpoint(call, policy=_REMAT_POLICIES[remat], prevent_cse=not in_scan)
 
 
-def _stacked_path(path: tuple) -> tuple | None:
-    return path[:1] + path[2:] if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int) else None
+def _is_unrolled_layer(path: tuple) -> bool:
+    return len(path) > 2 and path[0] == "layers" and isinstance(path[1], int)
 
 
 def stack_layers(state: nnx.State, num_layers: int) -> nnx.State:
     """A Decoder parameter state in the unrolled layout (`layers/<i>/...`) → the stacked one (`layers/...` with a
     leading `[num_layers]` axis, logical axis "layers")."""
     flat = dict(nnx.to_flat_state(state))
-    out = [(path, v) for path, v in flat.items() if _stacked_path(path) is None]
+    out = [(path, v) for path, v in flat.items() if not _is_unrolled_layer(path)]
     for path, first in flat.items():
-        if _stacked_path(path) is None or path[1] != 0:
+        if not _is_unrolled_layer(path) or path[1] != 0:
             continue
         rest = path[2:]
         value = jnp.stack([flat[("layers", i, *rest)][...] for i in range(num_layers)])
@@ -260,7 +260,7 @@ class Decoder(nnx.Module):
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
         blocks = [Block(cfg, rngs, options) for _ in range(cfg.num_layers)]
         if options.scan_layers:
-            graphdef, first = nnx.split(blocks[0])
+            graphdef = nnx.graphdef(blocks[0])
             stacked = stack_layers(nnx.State({"layers": {i: nnx.split(b)[1] for i, b in enumerate(blocks)}}),
                                    cfg.num_layers)
             self.layers = nnx.merge(graphdef, stacked["layers"])
