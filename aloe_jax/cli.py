@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-from aloe_jax.errors import AloeError
+from aloe_jax import quickstart
+from aloe_jax.aot import cli as aot_cli
+from aloe_jax.core.errors import AloeError
+from aloe_jax.eval import cli as eval_cli
+from aloe_jax.train import cli as train_cli
+from data_pipeline import cli as datagen_cli
 
 EXIT_USER_ERROR = 2
 
 # Modules that add their own subcommands: each defines `register(commands)` taking the argparse sub-parsers object
 # and setting `run=<function(args)>` on every parser it adds. Imports inside them stay lazy (no jax at parse time).
-COMMAND_MODULES: tuple[str, ...] = (
-    "data_pipeline.cli",
-    "aloe_jax.eval.cli",
-    "aloe_jax.train.cli",
-    "aloe_jax.quickstart",
-    "aloe_jax.aot.cli",
-)
+COMMAND_MODULES = (datagen_cli, eval_cli, train_cli, quickstart, aot_cli)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +45,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from aloe_jax.models.loader import DEFAULT_MODEL, load_model
     from aloe_jax.sampling.chat import ChatEngine
-    from aloe_jax.server import make_server
+    from aloe_jax.serving.server import make_server
 
     if not 0 <= args.port <= 65535:
         raise AloeError(f"--port must be in 0..65535, got {args.port}")
@@ -72,7 +70,7 @@ def _enable_compilation_cache() -> None:
     are left alone (processes would race on the same files)."""
     if int(os.environ.get("ALOE_JAX_NUM_PROCESSES", "1")) > 1 or "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
-    from aloe_jax.storage import cache_dir
+    from aloe_jax.core.storage import cache_dir
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir() / "xla")
 
@@ -100,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_cmd_serve)
 
     for module in COMMAND_MODULES:
-        importlib.import_module(module).register(commands)
+        module.register(commands)
     return parser
 
 
@@ -110,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real `aloe-jax` process (callers passing argv, e.g. tests, keep their own JAX settings)
         _enable_compilation_cache()
     args = build_parser().parse_args(argv)
+    args.dispatch = main  # commands that run other commands (quickstart) call back through it
     try:
         code = args.run(args)  # a command may return a non-zero exit code that is not an error (compile: "does not fit")
     except AloeError as err:

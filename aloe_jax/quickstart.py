@@ -16,7 +16,7 @@ import pathlib
 import shlex
 import time
 
-from aloe_jax.errors import AloeError
+from aloe_jax.core.errors import AloeError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -84,7 +84,7 @@ _SEEDS = {"profile": 6, "personality": 4}
 
 
 def _write_seeds(out: pathlib.Path, aloe_data: str | None) -> None:
-    from data_pipeline.aloe_sources import load_pool
+    from aloe_jax.conversation.aloe_pools import load_pool
 
     folder = out / "personas"
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,8 +96,7 @@ def _write_seeds(out: pathlib.Path, aloe_data: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from aloe_jax import cli
-
+    # args.dispatch is `aloe-jax`'s own main (set by aloe_jax.cli): each stage runs as the same command a user types.
     for name in ("cases", "turns", "conversations", "train_steps"):
         if getattr(args, name) <= 0:
             raise AloeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     for i, (name, argv) in enumerate(stages, 1):
         print(f"\n== quickstart [{i}/{len(stages)}] {name}: aloe-jax {shlex.join(argv)}", flush=True)
         t0 = time.monotonic()
-        code = cli.main(argv)
+        code = args.dispatch(argv)
         if code != 0:
             raise AloeError(f"stage {name!r} failed (exit {code}); fix the error above and rerun the same command "
                             "to resume")

@@ -47,9 +47,9 @@ def run_variant(name: str, steps: int, seq: int) -> dict:
     """One variant in this process: {variant, step_s: [...], peak_gib, loss}."""
     import jax
 
-    from aloe_jax.data.batch import collate
-    from aloe_jax.data.packing import pack_tree
-    from aloe_jax.data.pipeline import DataConfig, global_batch
+    from aloe_jax.train.inputs.batch import collate
+    from aloe_jax.train.inputs.packing import pack_tree
+    from aloe_jax.train.inputs.pipeline import DataConfig, global_batch
     from aloe_jax.models import sharding
     from aloe_jax.models.loader import load_model
     from aloe_jax.train.config import OptimConfig, TrainConfig

@@ -30,7 +30,7 @@ def _text(rng: random.Random, words: int) -> str:
 
 def make_trees(count: int, turns: int, seed: int = 0):
     """Random trees with ALOE-like lengths: short user turns, replies of a few sentences."""
-    from aloe_jax.data.schema import TreeRecord, Turn
+    from aloe_jax.conversation.records import TreeRecord, Turn
 
     rng = random.Random(seed)
     return [TreeRecord(id=f"bench{i}", turns=[
@@ -66,10 +66,10 @@ def main() -> None:
     import numpy as np
     from flax import nnx
 
-    from aloe_jax.data.batch import collate
-    from aloe_jax.data.packing import pack_tree, packed_attention_mask
+    from aloe_jax.train.inputs.batch import collate
+    from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
     from aloe_jax.models.loader import load_model
-    from aloe_jax.tokenizer import encode_chat
+    from aloe_jax.models.tokenizer import encode_chat
     from aloe_jax.train.losses import reply_sums, token_logprobs
 
     model, tokenizer = load_model(None)

@@ -27,7 +27,7 @@ PROMPTS = [
 
 
 def _prompts(tokenizer, batch: int) -> list[list[int]]:
-    from aloe_jax.tokenizer import encode_chat
+    from aloe_jax.models.tokenizer import encode_chat
 
     texts = [PROMPTS[i % len(PROMPTS)] + (" Please be brief." if i >= len(PROMPTS) else "") for i in range(batch)]
     return [encode_chat(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)[0] for t in texts]

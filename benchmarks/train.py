@@ -54,9 +54,9 @@ def bench_aloe(objective: str, trees, rows: int, steps: int, dtype: str) -> tupl
     """(seconds of each step after the first, real tokens of those steps, seq_len) of our trainer."""
     import jax
 
-    from aloe_jax.data.batch import collate
-    from aloe_jax.data.packing import pack_tree
-    from aloe_jax.data.pipeline import DataConfig, global_batch
+    from aloe_jax.train.inputs.batch import collate
+    from aloe_jax.train.inputs.packing import pack_tree
+    from aloe_jax.train.inputs.pipeline import DataConfig, global_batch
     from aloe_jax.models import sharding
     from aloe_jax.models.loader import load_model
     from aloe_jax.train.config import DPOConfig, OptimConfig, TrainConfig
@@ -137,7 +137,7 @@ def bench_trl_sft(folder: str, tokenizer, trees, rows: int, steps: int, dtype: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from aloe_jax.tokenizer import encode_chat
+    from aloe_jax.models.tokenizer import encode_chat
 
     torch.manual_seed(0)
     examples = []

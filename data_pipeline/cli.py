@@ -10,7 +10,7 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data
 
 
 def _load(args: argparse.Namespace):
-    from aloe_jax.config import load_config
+    from aloe_jax.core.config import load_config
     from data_pipeline.config import DatagenConfig
 
     return load_config(DatagenConfig, args.config, args.overrides)
@@ -70,7 +70,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_contamination(args: argparse.Namespace) -> None:
     from data_pipeline import contamination
-    from data_pipeline.aloe_sources import load_pool
+    from aloe_jax.conversation.aloe_pools import load_pool
     from data_pipeline.embeddings import SentenceEncoder
     from data_pipeline.personas import read_pool_file
 

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from typing import Sequence
 
-from aloe_jax import storage
+from aloe_jax.core import storage
 from data_pipeline.dedup import Encoder, nearest
 
 

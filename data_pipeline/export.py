@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from typing import Sequence
 
-from aloe_jax import storage
-from aloe_jax.data.schema import JudgeRecord, TreeRecord, Turn, parse_tree
-from aloe_jax.errors import DataError
+from aloe_jax.core import storage
+from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn, parse_tree
+from aloe_jax.core.errors import DataError
 
 TFDS_NAME = "aloe_trees"
 TFDS_VERSION = "1.0.0"

@@ -16,11 +16,12 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from aloe_jax import storage
-from aloe_jax.errors import DataError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import DataError
 from aloe_jax.llm.roles import Role
-from data_pipeline import jsonl_log, prompts
-from data_pipeline.aloe_sources import load_pool, parse_json_lines
+from aloe_jax.core import jsonl_log
+from data_pipeline import prompts
+from aloe_jax.conversation.aloe_pools import load_pool, parse_json_lines
 from data_pipeline.config import DatagenConfig
 from data_pipeline.dedup import Encoder, NearDuplicateFilter
 

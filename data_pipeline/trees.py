@@ -28,15 +28,16 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from aloe_jax import storage
-from aloe_jax.data.schema import JudgeRecord, TreeRecord, Turn
-from aloe_jax.errors import ConfigError, DataError
+from aloe_jax.core import storage
+from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn
+from aloe_jax.core.errors import ConfigError, DataError
 from aloe_jax.llm.base import ChatBackend, GenerationParams
 from aloe_jax.llm.cache import CallCache
 from aloe_jax.llm.roles import Role, make_backend
 from aloe_jax.llm.usage import UsageMeter
-from data_pipeline import jsonl_log, prompts
-from data_pipeline.aloe_sources import load_pool
+from aloe_jax.core import jsonl_log
+from data_pipeline import prompts
+from aloe_jax.conversation.aloe_pools import load_pool
 from data_pipeline.config import DatagenConfig
 from data_pipeline.personas import read_pool_file
 

@@ -62,7 +62,7 @@ def gcs_emulator():
             break
         except Exception:
             time.sleep(0.1)
-    from aloe_jax import storage
+    from aloe_jax.core import storage
 
     storage._client.cache_clear()
     yield "gs://test"

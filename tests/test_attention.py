@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aloe_jax.data.batch import collate
-from aloe_jax.data.packing import pack_tree
+from aloe_jax.train.inputs.batch import collate
+from aloe_jax.train.inputs.packing import pack_tree
 from aloe_jax.models import sharding
 from aloe_jax.models.attention import TreeMask, blockwise_attention, dense_attention, dense_tree_mask
 from aloe_jax.models.config import config_from_hf, read_hf_config
@@ -151,7 +151,8 @@ def test_every_objective_remat_dtype_and_layout_gives_the_plain_gradients(object
 
 def test_stacked_layers_round_trip_and_checkpoint_of_a_scan_run_loads_unrolled(tiny_model_dirs, tree_batch, tmp_path,
                                                                                smollm2_tokenizer):
-    from aloe_jax.train.checkpoint import Checkpointer, write_run_files
+    from aloe_jax.models.run_folder import write_run_files
+    from aloe_jax.train.checkpoint import Checkpointer
     from aloe_jax.train.step import TrainState
     import optax
 
@@ -214,9 +215,9 @@ def test_the_configured_kernel_and_remat_policy_are_what_runs(scan, tree_batch):
 
 
 def test_resuming_a_run_with_the_other_layer_layout_is_one_clear_error(tmp_path, smollm2_tokenizer):
-    from aloe_jax.data.pipeline import DataConfig
-    from aloe_jax.errors import ConfigError
-    from aloe_jax.train.checkpoint import write_run_files
+    from aloe_jax.train.inputs.pipeline import DataConfig
+    from aloe_jax.core.errors import ConfigError
+    from aloe_jax.models.run_folder import write_run_files
     from aloe_jax.train.config import TrainConfig
     from aloe_jax.train.trainer import run
 

@@ -9,7 +9,7 @@ import torch
 
 from aloe_jax.models.loader import load_model
 from aloe_jax.models.weights import export_hf
-from aloe_jax.tokenizer import encode_chat
+from aloe_jax.models.tokenizer import encode_chat
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

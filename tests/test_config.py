@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from aloe_jax.config import StrictModel, load_config
-from aloe_jax.errors import ConfigError, ModelLoadError
+from aloe_jax.core.config import StrictModel, load_config
+from aloe_jax.core.errors import ConfigError, ModelLoadError
 from aloe_jax.models.config import config_from_hf, read_hf_config
 from aloe_jax.models.presets import HF_PRESETS, preset_config
 from aloe_jax.models.sharding import MeshConfig

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from aloe_jax.config import load_config, read_yaml
+from aloe_jax.core.config import load_config, read_yaml
 from aloe_jax.eval.config import EvalConfig
 from aloe_jax.models.presets import preset_config
 from aloe_jax.models.sharding import MESH_AXES, partition_spec
@@ -168,7 +168,7 @@ def read_yaml_without_base(path: pathlib.Path) -> dict:
 
 def test_a_mesh_that_does_not_fit_the_slice_is_caught(tmp_path):
     """The checks above can fail: the same run with a v5p-8 mesh on v5p-64, or one chip's worth of sharding."""
-    from aloe_jax.errors import ConfigError
+    from aloe_jax.core.errors import ConfigError
 
     cfg = load_config(TrainConfig, CONFIGS / "runs/llama3-8b-sft-v5p-64.yaml", ["mesh={data: 1, fsdp: 4, tensor: 1}"])
     with pytest.raises(ConfigError, match="needs 4 devices"):

@@ -7,9 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from aloe_jax.errors import ModelLoadError
+from aloe_jax.core.errors import ModelLoadError
 from data_pipeline import embeddings
-from data_pipeline.aloe_sources import load_pool
+from aloe_jax.conversation.aloe_pools import load_pool
 from data_pipeline.dedup import NearDuplicateFilter, nearest
 from data_pipeline.embeddings import SentenceEncoder
 

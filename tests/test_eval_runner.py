@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from aloe_jax.cli import main
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.eval import report
 from aloe_jax.eval.cases import build_cases, load_cases
 from aloe_jax.eval.config import EvalConfig
@@ -42,7 +42,7 @@ def test_cases_are_the_aloe_set():
     assert len(cases) == 100 and len({c.case_id for c in cases}) == 100
     assert {c.profile_index for c in cases} == set(range(20))
     assert {c.personality_index for c in cases} == set(range(5))  # personalities 5 and 6 of the pool are not used
-    from data_pipeline.aloe_sources import load_pool
+    from aloe_jax.conversation.aloe_pools import load_pool
 
     profiles, personalities = load_pool("profile", "eval", ALOE_DATA), load_pool("personality", "eval", ALOE_DATA)
     assert (cases[0].profile, cases[0].personality) == (profiles[0], personalities[0])
@@ -281,10 +281,11 @@ def _save_trainer_checkpoint(run_dir, model_cfg, tokenizer):
     """A run folder on gs:// as the trainer leaves it: run files plus an Orbax checkpoint of a fresh model."""
     from flax import nnx
 
-    from aloe_jax.data.pipeline import DataConfig
+    from aloe_jax.train.inputs.pipeline import DataConfig
     from aloe_jax.models import sharding
     from aloe_jax.models.decoder import Decoder
-    from aloe_jax.train.checkpoint import Checkpointer, write_run_files
+    from aloe_jax.models.run_folder import write_run_files
+    from aloe_jax.train.checkpoint import Checkpointer
     from aloe_jax.train.config import TrainConfig
     from aloe_jax.train.trainer import Trainer
 

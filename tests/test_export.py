@@ -5,8 +5,8 @@ import json
 import pytest
 
 from aloe_jax.cli import main
-from aloe_jax.data.schema import JudgeRecord, TreeRecord, Turn
-from aloe_jax.errors import DataError
+from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn
+from aloe_jax.core.errors import DataError
 from data_pipeline import export
 
 
@@ -77,7 +77,7 @@ def test_export_rejects_malformed_and_duplicate_records(tmp_path):
 def test_export_cli_to_gcs(tmp_path, gcs_emulator, capsys, monkeypatch):
     import datasets
 
-    from aloe_jax import storage
+    from aloe_jax.core import storage
 
     monkeypatch.setenv("ALOE_JAX_CACHE", str(tmp_path / "cache"))
     trees = _trees("t", 3)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aloe_jax.errors import ModelLoadError
+from aloe_jax.core.errors import ModelLoadError
 from aloe_jax.models import gguf
 from aloe_jax.models.masks import causal_mask, positions_from_valid
 from aloe_jax.models.weights import save_safetensors
-from aloe_jax.tokenizer import encode_chat
+from aloe_jax.models.tokenizer import encode_chat
 
 TEXTS = [
     "Hello world",

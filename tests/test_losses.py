@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aloe_jax.data.batch import collate
-from aloe_jax.data.packing import pack_tree, packed_attention_mask
+from aloe_jax.train.inputs.batch import collate
+from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
 from aloe_jax.models.config import read_hf_config
 from aloe_jax.models.weights import load_hf_model
-from aloe_jax.tokenizer import encode_chat
+from aloe_jax.models.tokenizer import encode_chat
 from aloe_jax.train.losses import dpo_loss, reply_sums, sft_loss, token_logprobs
 from tests import tiny_models
 from tests.test_packing import make_tree

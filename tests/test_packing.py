@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aloe_jax.data.batch import collate
-from aloe_jax.data.packing import pack_tree, packed_attention_mask
-from aloe_jax.data.schema import TreeRecord, Turn, parse_tree
-from aloe_jax.errors import DataError
-from aloe_jax.tokenizer import encode_chat
+from aloe_jax.train.inputs.batch import collate
+from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
+from aloe_jax.conversation.records import TreeRecord, Turn, parse_tree
+from aloe_jax.core.errors import DataError
+from aloe_jax.models.tokenizer import encode_chat
 from aloe_jax.train.losses import reply_sums, token_logprobs
 
 WORDS = "hiking vegan coffee guitar cats yoga painting travel quiet curious planner anxious bold the a is and".split()

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from aloe_jax.errors import DataError
+from aloe_jax.core.errors import DataError
 from aloe_jax.llm.base import ChatResult
 from aloe_jax.llm.roles import Role
 from aloe_jax.llm.usage import UsageMeter
-from data_pipeline import jsonl_log, personas, prompts
+from aloe_jax.core import jsonl_log
+from data_pipeline import personas, prompts
 from data_pipeline.config import DatagenConfig
 
 SEEDS = [
@@ -109,7 +110,7 @@ def test_threshold_is_what_decides(tmp_path, encoder):
 
 
 def test_gcs_output_is_uploaded(tmp_path, encoder, gcs_emulator, monkeypatch):
-    from aloe_jax import storage
+    from aloe_jax.core import storage
 
     monkeypatch.setenv("ALOE_JAX_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, target_size=4, output=f"{gcs_emulator}/pools/{{kind}}.jsonl")
@@ -119,8 +120,8 @@ def test_gcs_output_is_uploaded(tmp_path, encoder, gcs_emulator, monkeypatch):
 
 
 def test_bad_threshold_is_a_config_error():
-    from aloe_jax.config import build_config
-    from aloe_jax.errors import ConfigError
+    from aloe_jax.core.config import build_config
+    from aloe_jax.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="threshold"):
         build_config(DatagenConfig, {"personas": {"threshold": {"profile": 1.5}}})

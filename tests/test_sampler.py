@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from aloe_jax.errors import AloeError
+from aloe_jax.core.errors import AloeError
 from aloe_jax.models import masks, sharding
 from aloe_jax.models.config import read_hf_config
 from aloe_jax.models.weights import abstract_model, load_hf_model

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from aloe_jax.sampling.sampler import SamplingParams
-from aloe_jax.server import make_server
+from aloe_jax.serving.server import make_server
 
 MODEL = "tiny-test"
 

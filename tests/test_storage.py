@@ -3,7 +3,7 @@
 import numpy as np
 import jax.numpy as jnp
 
-from aloe_jax import storage
+from aloe_jax.core import storage
 from aloe_jax.models import masks
 from aloe_jax.models.config import read_hf_config
 from aloe_jax.models.weights import export_hf, hf_tensors, load_hf_model
@@ -39,7 +39,7 @@ def test_hf_folder_exports_to_and_loads_from_gcs(tiny_model_dirs, gcs_emulator, 
 def test_atomic_writes_get_umask_permissions(tmp_path):
     import os
 
-    from aloe_jax import storage
+    from aloe_jax.core import storage
 
     old = os.umask(0o022)
     try:

@@ -6,9 +6,9 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from aloe_jax.errors import ConfigError, DataError, ModelLoadError
+from aloe_jax.core.errors import ConfigError, DataError, ModelLoadError
 from aloe_jax.models.gguf import read_gguf, read_gguf_metadata, smollm2_gguf_path
-from aloe_jax.tokenizer import (
+from aloe_jax.models.tokenizer import (
     QWEN2_SYSTEM,
     SMOLLM2_SYSTEM,
     ChatTemplateError,

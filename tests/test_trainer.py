@@ -10,15 +10,16 @@ import optax
 import pytest
 from flax import nnx
 
-from aloe_jax.data.batch import collate
-from aloe_jax.data.packing import pack_tree, packed_attention_mask
-from aloe_jax.data.pipeline import DataConfig, global_batch
+from aloe_jax.train.inputs.batch import collate
+from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
+from aloe_jax.train.inputs.pipeline import DataConfig, global_batch
 from aloe_jax.models import sharding
 from aloe_jax.models.config import config_from_hf
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
-from aloe_jax.tokenizer import encode_chat
+from aloe_jax.models.tokenizer import encode_chat
 from aloe_jax.train import optim
-from aloe_jax.train.checkpoint import Checkpointer, write_run_files
+from aloe_jax.models.run_folder import write_run_files
+from aloe_jax.train.checkpoint import Checkpointer
 from aloe_jax.train.config import DPOConfig, OptimConfig, TrainConfig
 from aloe_jax.train.step import make_grad_fn
 from aloe_jax.train.trainer import Trainer
@@ -320,7 +321,7 @@ def test_checkpoint_restores_onto_another_mesh_with_data_position_and_loads_as_a
 
 
 def test_checkpoint_on_gcs_saves_prunes_and_loads(batches, gcs_emulator, tmp_path, smollm2_tokenizer):
-    from aloe_jax import storage
+    from aloe_jax.core import storage
     from aloe_jax.models.loader import load_model
 
     run_dir = f"{gcs_emulator}/trainer-run"

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from aloe_jax.data.schema import parse_tree
-from aloe_jax.errors import ConfigError
+from aloe_jax.conversation.records import parse_tree
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.llm.base import ChatResult
-from data_pipeline import jsonl_log
+from aloe_jax.core import jsonl_log
 from data_pipeline.config import DatagenConfig
 from data_pipeline.trees import generate_trees, make_plan
 
@@ -210,7 +210,7 @@ def test_tiny_model_pool_and_trees_end_to_end(tmp_path, tiny_chat_engine, gcs_em
     cfg.trees.profiles, cfg.trees.personalities = str(tmp_path / "pool.jsonl"), str(tmp_path / "personalities.jsonl")
     summary, meter = generate_trees(cfg, {r: backend for r in ("user", "extractor", "hinted", "plain", "judge")},
                                     show_progress=False)
-    from aloe_jax import storage
+    from aloe_jax.core import storage
 
     lines = storage.read_text(f"{gcs_emulator}/e2e/trees.jsonl").splitlines()
     records = [parse_tree(line) for line in lines]
@@ -275,7 +275,7 @@ def test_killed_run_resumes_exactly_once(tmp_path, tiny_chat_engine):
 
 
 def test_gcs_state_dir_is_a_config_error(tmp_path):
-    from aloe_jax.config import load_config
+    from aloe_jax.core.config import load_config
 
     with pytest.raises(ConfigError, match="trees.state_dir: .*local folder"):
         load_config(DatagenConfig, REPO / "configs" / "datagen.yaml", ["trees.state_dir=gs://b/state"])

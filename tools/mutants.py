@@ -32,7 +32,7 @@ _MODELS = "tests/test_models.py"
 _SAMPLER = "tests/test_sampler.py"
 _PACKING = "tests/test_packing.py"
 _METRICS = "tests/test_eval_metrics.py"
-_PIPELINE = "tests/test_data_pipeline.py"
+_PIPELINE = "tests/test_train_inputs.py"
 _THREE_BANDS = f"{_MODELS}::test_llama31_rope_scaling_in_all_three_bands_matches_transformers"
 _LOGITS_PARITY = f"{_MODELS}::test_logits_match_transformers_with_and_without_padding"
 _EXPORT = f"{_MODELS}::test_export_round_trip_and_transformers_loads_export"
@@ -79,21 +79,21 @@ MUTANTS: list[Mutant] = [
     Mutant("dpo_reward_without_reference", "aloe_jax/train/losses.py",
            "chosen_rewards = beta * (chosen_logps - ref_chosen_logps)", "chosen_rewards = beta * chosen_logps",
            (_LOSSES,), "chosen reward metric forgets the reference log-prob"),
-    Mutant("unjudged_pair_weighted", "aloe_jax/data/batch.py",
+    Mutant("unjudged_pair_weighted", "aloe_jax/train/inputs/batch.py",
            '            if tree.judged[turn]:\n                batch["pair_weight"][row, p] = 1.0',
            '            batch["pair_weight"][row, p] = 1.0',
            (_LOSSES,), "pairs without a verdict are trained on"),
-    Mutant("unjudged_reply_sft_target", "aloe_jax/data/batch.py",
+    Mutant("unjudged_reply_sft_target", "aloe_jax/train/inputs/batch.py",
            '            if tree.judged[turn]:\n'
            '                batch["sft_weight"][row, :n] += tree.reply_index == chosen',
            '            batch["sft_weight"][row, :n] += tree.reply_index == chosen',
            (_LOSSES,), "SFT trains on preferred replies of unjudged turns"),
     # --- packing --------------------------------------------------------------------------------------------------
-    Mutant("branch_positions_shifted", "aloe_jax/data/packing.py",
+    Mutant("branch_positions_shifted", "aloe_jax/train/inputs/packing.py",
            "positions += list(range(start - 1, start - 1 + len(branch)))",
            "positions += list(range(start, start + len(branch)))",
            (_PACKING,), "side branch RoPE positions one past the branch point"),
-    Mutant("branch_sees_its_prompt_token_twice", "aloe_jax/data/packing.py",
+    Mutant("branch_sees_its_prompt_token_twice", "aloe_jax/train/inputs/packing.py",
            "prefix += [start - 1] * len(branch)", "prefix += [start] * len(branch)",
            (_PACKING,), "a branch also sees the spine token it copies"),
     Mutant("tree_mask_off_by_one", "aloe_jax/models/attention.py",
@@ -103,7 +103,7 @@ MUTANTS: list[Mutant] = [
            "l = l * correction + jnp.sum(p, axis=-1)", "l = l + jnp.sum(p, axis=-1)",
            ("tests/test_attention.py::test_blockwise_kernel_equals_dense_on_tree_masks_forward_and_gradient",),
            "blockwise attention forgets to rescale the running softmax denominator when the running max grows"),
-    Mutant("history_always_preferred", "aloe_jax/data/schema.py",
+    Mutant("history_always_preferred", "aloe_jax/conversation/records.py",
            '{"role": "assistant", "content": t.reply(t.continued)}]',
            '{"role": "assistant", "content": t.preferred}]',
            (_PACKING,), "history follows the preferred reply even where the chat continued with the rejected one"),
@@ -218,20 +218,20 @@ MUTANTS: list[Mutant] = [
     Mutant("checkpoint_step_folder_loads_latest", "aloe_jax/train/checkpoint.py",
            "return _parent(parent), int(name)", "return _parent(parent), None",
            (_CHECKPOINT,), "checkpoints/<step> loads the latest step instead"),
-    Mutant("shuffle_ignores_seed", "aloe_jax/data/pipeline.py",
+    Mutant("shuffle_ignores_seed", "aloe_jax/train/inputs/pipeline.py",
            "ds = ds.shuffle(seed=cfg.seed)", "ds = ds.shuffle(seed=0)",
            (f"{_PIPELINE}::test_shuffle_is_deterministic_by_seed_and_epochs_cover_every_tree",),
            "data order does not depend on the configured seed"),
-    Mutant("tail_batch_dropped", "aloe_jax/data/pipeline.py",
+    Mutant("tail_batch_dropped", "aloe_jax/train/inputs/pipeline.py",
            "self._length = math.ceil(self._size / multiple) * multiple",
            "self._length = self._size // multiple * multiple",
            (f"{_PIPELINE}::test_shuffle_is_deterministic_by_seed_and_epochs_cover_every_tree",),
            "the last, partial global batch is silently dropped"),
-    Mutant("every_process_reads_process_0_rows", "aloe_jax/data/pipeline.py",
+    Mutant("every_process_reads_process_0_rows", "aloe_jax/train/inputs/pipeline.py",
            "mine = local_batches[index::count]", "mine = local_batches[::count]",
            (f"{_PIPELINE}::test_two_processes_read_disjoint_halves_of_the_one_process_batch",),
            "multi-host: every process trains on process 0's rows"),
-    Mutant("max_pairs_cut_not_reported", "aloe_jax/data/pipeline.py",
+    Mutant("max_pairs_cut_not_reported", "aloe_jax/train/inputs/pipeline.py",
            "return _Item(packed, turns_cut=packed.turns_cut + extra_turns)",
            "return _Item(packed, turns_cut=packed.turns_cut)",
            (f"{_PIPELINE}::test_cut_report_counts_turns_cut_and_trees_dropped",),
@@ -280,10 +280,10 @@ MUTANTS: list[Mutant] = [
            'block = _block_fn(graphdef, "none", in_scan=True)',
            (_WHAT_RUNS,), "remat is silently off with scan_layers"),
     # --- tokenizer masks and stop tokens --------------------------------------------------------------------------
-    Mutant("stop_ids_miss_end_of_turn", "aloe_jax/tokenizer.py",
+    Mutant("stop_ids_miss_end_of_turn", "aloe_jax/models/tokenizer.py",
            '_END_TOKENS = ("<|im_end|>", "<|eot_id|>",', '_END_TOKENS = ("<|eot_id|>",',
            ("tests/test_tokenizer.py",), "ChatML's <|im_end|> does not end a reply"),
-    Mutant("mask_span_count_unchecked", "aloe_jax/tokenizer.py",
+    Mutant("mask_span_count_unchecked", "aloe_jax/models/tokenizer.py",
            "if _masked_runs(mask) != replies:", "if _masked_runs(mask) < replies:",
            ("tests/test_tokenizer.py",), "an assistant mask with extra spans is accepted"),
 ]

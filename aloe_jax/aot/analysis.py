@@ -7,7 +7,7 @@ fitting, with the compiler's numbers.
 FLOPs: XLA's `cost_analysis` counts the body of a while loop (lax.scan, fori_loop, while_loop) once, whatever its
 trip count — measured: a lax.scan of 10 [256, 256] matmuls reports 3.4e7 FLOPs, the same matmuls unrolled 3.4e8 —
 so micro-batch accumulation, scanned layers, blockwise attention and the decode loop are undercounted. The analytic
-model FLOPs (matmuls + attention, aloe_jax.train.logging) count every iteration but no recomputation (remat). Both
+model FLOPs (matmuls + attention, aloe_jax.train.metrics_log) count every iteration but no recomputation (remat). Both
 are lower bounds on the work, so the roofline takes the larger: step time = max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth), where bytes is XLA's estimate of HBM traffic (`bytes accessed`, loop bodies once too) or the arguments
 read as often as the program must read them, whichever is larger. Tokens/s and MFU (model FLOPs / (step time · peak))
@@ -24,7 +24,7 @@ import jax
 
 from aloe_jax.aot.programs import Program
 from aloe_jax.aot.topologies import Slice, first_line, out_of_memory
-from aloe_jax.train.logging import peak_flops_of_kind
+from aloe_jax.train.metrics_log import peak_flops_of_kind
 
 GIB = 2**30
 

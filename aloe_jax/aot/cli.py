@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from aloe_jax.aot.topologies import INSTALL_HINT, known_names
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.models.presets import HF_PRESETS
 
 EXIT_DOES_NOT_FIT = 1
@@ -16,7 +16,7 @@ _EVAL_KEYS = ("cases", "turns", "simulator", "judge")
 
 def load_run_config(path: str, overrides: list[str]):
     """The TrainConfig or EvalConfig in a YAML file (with `base:` and key=value overrides), told apart by its keys."""
-    from aloe_jax.config import apply_overrides, build_config, read_yaml
+    from aloe_jax.core.config import apply_overrides, build_config, read_yaml
     from aloe_jax.eval.config import EvalConfig
     from aloe_jax.train.config import TrainConfig
 

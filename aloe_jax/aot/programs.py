@@ -21,8 +21,8 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aloe_jax import storage
-from aloe_jax.errors import ConfigError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.eval.config import EvalConfig
 from aloe_jax.models import sharding
 from aloe_jax.models.config import ModelConfig, read_hf_config
@@ -82,7 +82,7 @@ def resolve_architecture(spec: str | None, dtypes: dict, preset: str | None = No
     when given; a preset name (or the embedded SmolLM2) as such; a local HF folder or trainer run by its config.json;
     a gs:// path by the preset its name (or the config file's name) matches. `changes` then resize it."""
     from aloe_jax.models.loader import DEFAULT_MODEL, EMBEDDED_NAMES
-    from aloe_jax.train.checkpoint import read_model_config, resolve_checkpoint
+    from aloe_jax.models.run_folder import read_model_config, resolve_checkpoint
 
     spec = spec or DEFAULT_MODEL
     if preset is not None:
@@ -119,15 +119,15 @@ def slice_mesh(mesh_cfg: sharding.MeshConfig, devices: list) -> Mesh:
 
 def forward_flops_per_token(cfg: ModelConfig, context: int) -> float:
     """Model FLOPs of one token's forward pass attending over `context` positions."""
-    from aloe_jax.train.logging import train_flops_per_token
+    from aloe_jax.train.metrics_log import train_flops_per_token
 
     return train_flops_per_token(cfg, context, "sft") / 3  # a training token costs forward + 2 × forward (backward)
 
 
 def train_program(cfg: TrainConfig, model_cfg: ModelConfig, devices: list) -> Program:
     """The SFT or DPO optimizer step of a train config, as the Trainer compiles it."""
-    from aloe_jax.data.batch import collate
-    from aloe_jax.train.logging import train_flops_per_token
+    from aloe_jax.train.inputs.batch import collate
+    from aloe_jax.train.metrics_log import train_flops_per_token
     from aloe_jax.train.step import batch_shardings
     from aloe_jax.train.trainer import Trainer, runtime_options
 

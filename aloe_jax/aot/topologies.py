@@ -15,7 +15,7 @@ import os
 import re
 from typing import Iterator
 
-from aloe_jax.errors import AloeError
+from aloe_jax.core.errors import AloeError
 
 INSTALL_HINT = "pip install -e .[tpu]"
 

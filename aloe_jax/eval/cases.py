@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from aloe_jax.errors import ConfigError, DataError
+from aloe_jax.core.errors import ConfigError, DataError
 
 ALOE_PROFILES = 20
 ALOE_PERSONALITIES = 5  # the benchmark uses only the first five of the seven released eval personalities
@@ -39,6 +39,6 @@ def build_cases(profiles: list[str], personalities: list[str], n_cases: int = AL
 
 def load_cases(aloe_data: str | None, n_cases: int = ALOE_CASES) -> list[EvalCase]:
     """The ALOE cases from the released eval pools in `aloe_data` (local/gs:// folder, URL, or None: pinned repo)."""
-    from data_pipeline.aloe_sources import load_pool
+    from aloe_jax.conversation.aloe_pools import load_pool
 
     return build_cases(load_pool("profile", "eval", aloe_data), load_pool("personality", "eval", aloe_data), n_cases)

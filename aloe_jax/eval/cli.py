@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "eval.yaml"
 
@@ -29,7 +29,7 @@ def role_overrides(role: str, spec: str) -> list[str]:
 
 def load_eval_config(args: argparse.Namespace):
     """The EvalConfig from --config, the shortcut flags and trailing key=value overrides (those win)."""
-    from aloe_jax.config import load_config
+    from aloe_jax.core.config import load_config
     from aloe_jax.eval.config import EvalConfig
 
     overrides = []

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pydantic
 
-from aloe_jax.config import StrictModel
+from aloe_jax.core.config import StrictModel
 from aloe_jax.eval.cases import ALOE_CASES
 from aloe_jax.llm.base import GenerationParams
 from aloe_jax.llm.roles import BackendConfig

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from aloe_jax import storage
-from aloe_jax.errors import ConfigError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.eval import metrics
 from aloe_jax.eval.runner import PROTOCOL_FILE, read_records, score_matrix, turn_seconds
 

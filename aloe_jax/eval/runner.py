@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from aloe_jax import storage
-from aloe_jax.errors import ConfigError, DataError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ConfigError, DataError
 from aloe_jax.eval import prompts
 from aloe_jax.eval.cases import EvalCase
 from aloe_jax.eval.config import EvalConfig
@@ -35,7 +35,7 @@ from aloe_jax.llm.roles import Role
 from aloe_jax.llm.usage import UsageMeter
 from aloe_jax.sampling.chat import ChatEngine
 from aloe_jax.sampling.sampler import SamplingParams
-from data_pipeline import jsonl_log
+from aloe_jax.core import jsonl_log
 
 RECORDS_FILE = "turns.jsonl"
 # One line per finished (turn, batch): seconds each role took. Kept across reruns so a run that was interrupted and
@@ -56,7 +56,7 @@ def derive_seed(*parts: object) -> int:
 
 def protocol_card(cfg: EvalConfig, model_name: str, simulator_name: str, judge_name: str) -> dict:
     """Everything that decides the records: who plays each role, with which prompts, seeds and settings."""
-    from data_pipeline.aloe_sources import ALOE_REVISION
+    from aloe_jax.conversation.aloe_pools import ALOE_REVISION
 
     return {
         "benchmark": f"ALOE eval pools @ {ALOE_REVISION[:12]}",

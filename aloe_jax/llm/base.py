@@ -8,7 +8,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import pydantic
 
-from aloe_jax.config import StrictModel
+from aloe_jax.core.config import StrictModel
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 Conversation = list[Message]

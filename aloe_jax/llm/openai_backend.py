@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from aloe_jax.errors import AloeError
+from aloe_jax.core.errors import AloeError
 from aloe_jax.llm.base import ChatResult, Conversation, GenerationParams
 
 

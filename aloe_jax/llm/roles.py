@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from aloe_jax.config import StrictModel
+from aloe_jax.core.config import StrictModel
 from aloe_jax.llm.base import ChatBackend, ChatResult, Conversation, GenerationParams
 from aloe_jax.llm.cache import CallCache, cache_key
 from aloe_jax.llm.usage import UsageMeter

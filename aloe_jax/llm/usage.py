@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from aloe_jax.config import StrictModel
+from aloe_jax.core.config import StrictModel
 
 
 class Price(StrictModel):

@@ -26,7 +26,7 @@ class TreeMask(NamedTuple):
     """The attention mask of packed rows, given per token (`[B, T]` int32 each) rather than as `[B, T, T]`:
     `segment` 0 spine, k+1 side branch of turn k, -1 padding; `visible_prefix` how many spine tokens a branch token
     sees. Query i sees key j when j ≤ i, key j is real, and j is in i's own segment or in the spine before i's
-    branch point (see aloe_jax/data/packing.py for the layout)."""
+    branch point (see aloe_jax/train/inputs/packing.py for the layout)."""
 
     segment: jax.Array
     visible_prefix: jax.Array

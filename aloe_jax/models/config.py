@@ -11,8 +11,8 @@ import json
 import os
 from typing import Any, Literal
 
-from aloe_jax import storage
-from aloe_jax.errors import ConfigError, ModelLoadError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ConfigError, ModelLoadError
 
 # HF `model_type` → the HF architecture class name we export as. SmolLM2 is a Llama.
 SUPPORTED_MODEL_TYPES = {

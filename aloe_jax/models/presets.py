@@ -5,7 +5,7 @@ A preset gives the architecture only; weights come from an HF folder (local or g
 
 from __future__ import annotations
 
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.models.config import ModelConfig, config_from_hf
 
 _LLAMA3_8B = dict(

@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aloe_jax.config import StrictModel
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.config import StrictModel
+from aloe_jax.core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from aloe_jax import storage
-from aloe_jax.errors import ModelLoadError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ModelLoadError
 from aloe_jax.models.config import ModelConfig
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
 

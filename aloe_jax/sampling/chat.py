@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from aloe_jax.models.decoder import Decoder
 from aloe_jax.sampling.sampler import Sampler, SamplingParams
 from aloe_jax.sampling.scoring import score_options
-from aloe_jax.tokenizer import encode_chat, stop_token_ids
+from aloe_jax.models.tokenizer import encode_chat, stop_token_ids
 
 
 @dataclasses.dataclass(frozen=True)

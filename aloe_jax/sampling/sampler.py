@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aloe_jax.errors import ConfigError, DataError
+from aloe_jax.core.errors import ConfigError, DataError
 from aloe_jax.models import masks
 from aloe_jax.models.decoder import Decoder, KVCache, init_cache
 from aloe_jax.models.sharding import BATCH_AXES, batch_sharding

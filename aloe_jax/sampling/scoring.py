@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aloe_jax.errors import DataError
+from aloe_jax.core.errors import DataError
 from aloe_jax.models import masks
 from aloe_jax.models.decoder import Decoder
 from aloe_jax.sampling.sampler import PROMPT_STEP, bucket

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
-    from aloe_jax.config import apply_overrides, build_config, read_yaml
+    from aloe_jax.core.config import apply_overrides, build_config, read_yaml
     from aloe_jax.train.config import TrainConfig
     from aloe_jax.train.trainer import run
 
@@ -25,10 +25,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from aloe_jax.errors import ModelLoadError
+    from aloe_jax.core.errors import ModelLoadError
     from aloe_jax.models.loader import load_model
     from aloe_jax.models.weights import export_hf
-    from aloe_jax.train.checkpoint import resolve_checkpoint
+    from aloe_jax.models.run_folder import resolve_checkpoint
 
     if resolve_checkpoint(args.checkpoint) is None:
         raise ModelLoadError(

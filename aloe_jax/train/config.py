@@ -6,8 +6,8 @@ from typing import Literal
 
 import pydantic
 
-from aloe_jax.config import StrictModel
-from aloe_jax.data.pipeline import DataConfig
+from aloe_jax.core.config import StrictModel
+from aloe_jax.train.inputs.pipeline import DataConfig
 from aloe_jax.models.sharding import MeshConfig
 
 Objective = Literal["sft", "dpo"]

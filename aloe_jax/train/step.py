@@ -1,6 +1,6 @@
 """The jit-compiled optimizer step shared by SFT and DPO, with explicit shardings over the (data, fsdp, tensor) mesh.
 
-A step takes one global batch (the `collate` dict of aloe_jax/data/batch.py, rows split over data×fsdp), splits it
+A step takes one global batch (the `collate` dict of aloe_jax/train/inputs/batch.py, rows split over data×fsdp), splits it
 into micro-batches, and accumulates *unnormalised* gradients (loss sums) over them in a `lax.scan`. Only after the
 last micro-batch are gradients and loss divided by the total number of target tokens (SFT) or pairs (DPO) of the
 whole batch, so accumulating over k micro-batches gives the same update as one k-times larger batch — dividing per

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.models import sharding
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
 from aloe_jax.train import optim
@@ -95,8 +95,8 @@ def _load(spec: str | None, cfg: TrainConfig, mesh: Mesh):
 def _check_resume_layout(cfg: TrainConfig) -> None:
     """A run folder's checkpoints hold layers in the layout they were trained with: resuming with the other
     scan_layers setting cannot restore them, so say so before anything loads."""
-    from aloe_jax import storage
-    from aloe_jax.train.checkpoint import RUN_INFO_FILE, read_run_info
+    from aloe_jax.core import storage
+    from aloe_jax.models.run_folder import RUN_INFO_FILE, read_run_info
 
     if not cfg.checkpoint.resume or not storage.exists(storage.join(cfg.output_dir, RUN_INFO_FILE)):
         return
@@ -108,11 +108,12 @@ def _check_resume_layout(cfg: TrainConfig) -> None:
 
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Train as `cfg` says (resuming when the run folder has a checkpoint); returns the last logged metrics."""
-    from aloe_jax import distributed
-    from aloe_jax.data import pipeline
+    from aloe_jax.core import distributed
+    from aloe_jax.train.inputs import pipeline
     from aloe_jax.models.loader import DEFAULT_MODEL
-    from aloe_jax.train.checkpoint import Checkpointer, write_run_files
-    from aloe_jax.train.logging import MetricsLogger, peak_flops_per_device, train_flops_per_token
+    from aloe_jax.models.run_folder import write_run_files
+    from aloe_jax.train.checkpoint import Checkpointer
+    from aloe_jax.train.metrics_log import MetricsLogger, peak_flops_per_device, train_flops_per_token
 
     _check_resume_layout(cfg)
     distributed.maybe_initialize()

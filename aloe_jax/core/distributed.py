@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.errors import ConfigError
 
 ENV_COORDINATOR = "ALOE_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "ALOE_JAX_NUM_PROCESSES"

@@ -13,7 +13,7 @@ import os
 import pathlib
 import tempfile
 
-from aloe_jax.errors import AloeError
+from aloe_jax.core.errors import AloeError
 
 GCS_PREFIX = "gs://"
 

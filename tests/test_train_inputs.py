@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from aloe_jax import storage
-from aloe_jax.data.packing import pack_tree
-from aloe_jax.data.pipeline import DataConfig, PackingReport, count_steps, global_batch, tree_batches
-from aloe_jax.data.schema import TreeRecord
-from aloe_jax.data.sources import ArrayRecordTreeSource, JsonlTreeSource, TfdsTreeSource, open_tree_source
-from aloe_jax.errors import DataError
+from aloe_jax.core import storage
+from aloe_jax.train.inputs.packing import pack_tree
+from aloe_jax.train.inputs.pipeline import DataConfig, PackingReport, count_steps, global_batch, tree_batches
+from aloe_jax.conversation.records import TreeRecord
+from aloe_jax.train.inputs.sources import ArrayRecordTreeSource, JsonlTreeSource, TfdsTreeSource, open_tree_source
+from aloe_jax.core.errors import DataError
 from tests.test_packing import make_tree
 
 SEQ_LEN = 1024
@@ -255,7 +255,7 @@ def test_malformed_line_names_file_and_line(tmp_path, smollm2_tokenizer):
 
 
 def test_bad_batch_layout_is_a_config_error(seven_trees, smollm2_tokenizer):
-    from aloe_jax.errors import ConfigError
+    from aloe_jax.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="3 rows cannot be split evenly over 2 processes"):
         tree_batches(DataConfig(path=seven_trees), smollm2_tokenizer, 3, process_index=0, process_count=2)

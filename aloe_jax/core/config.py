@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
-from aloe_jax import storage
-from aloe_jax.errors import ConfigError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import ConfigError
 
 
 class StrictModel(pydantic.BaseModel):

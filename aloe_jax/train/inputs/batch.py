@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from aloe_jax.data.packing import PackedTree
-from aloe_jax.errors import DataError
+from aloe_jax.train.inputs.packing import PackedTree
+from aloe_jax.core.errors import DataError
 
 TOKEN_FIELDS = ("tokens", "positions", "segment", "visible_prefix", "labels", "reply_index")
 _TOKEN_FILL = {"tokens": 0, "positions": 0, "segment": -1, "visible_prefix": 0, "labels": 0, "reply_index": -1}

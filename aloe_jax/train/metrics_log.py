@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from aloe_jax import storage
+from aloe_jax.core import storage
 from aloe_jax.models.config import ModelConfig
 
 LOG_DIR = "logs"

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from aloe_jax.config import StrictModel
-from aloe_jax.data.batch import collate
-from aloe_jax.data.packing import PackedTree, pack_tree
-from aloe_jax.data.schema import parse_tree
-from aloe_jax.data.sources import RawTree, open_tree_source
-from aloe_jax.errors import ConfigError
+from aloe_jax.core.config import StrictModel
+from aloe_jax.train.inputs.batch import collate
+from aloe_jax.train.inputs.packing import PackedTree, pack_tree
+from aloe_jax.conversation.records import parse_tree
+from aloe_jax.train.inputs.sources import RawTree, open_tree_source
+from aloe_jax.core.errors import ConfigError
 
 # Per-row counters added to every batch next to collate's fields, so the trainer can log what packing cut.
 STAT_FIELDS = ("turns_cut", "tree_dropped")
@@ -97,7 +97,7 @@ class _PackRecord:
 
 
 class _Collate:
-    """A list of _Item → the batch dict of `aloe_jax.data.batch.collate` plus the per-row STAT_FIELDS."""
+    """A list of _Item → the batch dict of `aloe_jax.train.inputs.batch.collate` plus the per-row STAT_FIELDS."""
 
     def __init__(self, rows: int, seq_len: int, max_pairs: int, pad_id: int):
         self.rows, self.seq_len, self.max_pairs, self.pad_id = rows, seq_len, max_pairs, pad_id

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pydantic
 
-from aloe_jax.errors import DataError
+from aloe_jax.core.errors import DataError
 
 
 class JudgeRecord(pydantic.BaseModel):

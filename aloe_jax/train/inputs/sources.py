@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import grain
 
-from aloe_jax import storage
-from aloe_jax.errors import DataError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import DataError
 
 ARRAY_RECORD_SUFFIX = ".array_record"
 TFDS_INFO_FILE = "dataset_info.json"

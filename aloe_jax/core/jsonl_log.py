@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from aloe_jax.errors import DataError
+from aloe_jax.core.errors import DataError
 
 
 def read_complete(path: str, repair: bool = True) -> list:

@@ -13,10 +13,10 @@ import threading
 
 import pytest
 
-from aloe_jax import storage
-from aloe_jax.errors import DataError
-from data_pipeline import aloe_sources
-from data_pipeline.aloe_sources import ALOE_FILES, load_pool, parse_json_lines
+from aloe_jax.core import storage
+from aloe_jax.core.errors import DataError
+from aloe_jax.conversation import aloe_pools
+from aloe_jax.conversation.aloe_pools import ALOE_FILES, load_pool, parse_json_lines
 
 ALOE_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "aloe_data"
 SIZES = {("profile", "train"): 331, ("personality", "train"): 71, ("profile", "eval"): 20, ("personality", "eval"): 7}
@@ -126,11 +126,11 @@ def repo_mirror(tmp_path, monkeypatch):
 def test_pinned_fetch_downloads_once_verifies_and_caches(repo_mirror, monkeypatch):
     server, _ = repo_mirror
     # source=None means the pinned repository URL; point it at the loopback mirror.
-    monkeypatch.setattr(aloe_sources, "PINNED_BASE_URL", server.url)
+    monkeypatch.setattr(aloe_pools, "PINNED_BASE_URL", server.url)
     assert len(load_pool("profile", "train")) == 331
     assert len(load_pool("personality", "eval")) == 7
     assert server.requests == 2
-    cached = storage.cache_dir() / "aloe_sources" / ALOE_FILES["profile"].sha256 / "profile.jsonl"
+    cached = storage.cache_dir() / "aloe_pools" / ALOE_FILES["profile"].sha256 / "profile.jsonl"
     assert cached.read_bytes() == (ALOE_DATA / "profile.jsonl").read_bytes()
     server.close()
     assert len(load_pool("profile", "train")) == 331  # served from the cache, the server is gone
@@ -142,7 +142,7 @@ def test_fetch_of_altered_file_fails_and_caches_nothing(repo_mirror):
     _flip_byte(folder / "profile_eval.jsonl")
     with pytest.raises(DataError, match=rf"profile_eval.*{ALOE_FILES['profile_eval'].sha256}"):
         load_pool("profile", "eval", server.url)
-    assert not (storage.cache_dir() / "aloe_sources").exists()
+    assert not (storage.cache_dir() / "aloe_pools").exists()
     (folder / "personality.jsonl").unlink()
     with pytest.raises(DataError, match="HTTP 404"):
         load_pool("personality", "train", server.url)
@@ -150,7 +150,7 @@ def test_fetch_of_altered_file_fails_and_caches_nothing(repo_mirror):
 
 def test_unreachable_host_is_a_data_error(monkeypatch, tmp_path):
     monkeypatch.setenv("ALOE_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(aloe_sources, "_RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr(aloe_pools, "_RETRY_DELAYS_S", (0.0,))
     with pytest.raises(DataError, match=r"downloading http://127\.0\.0\.1:1/datasets/profile\.jsonl failed"):
         load_pool("profile", "train", "http://127.0.0.1:1")
 

@@ -28,10 +28,10 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-from aloe_jax.data.schema import TreeRecord
-from aloe_jax.errors import DataError
+from aloe_jax.conversation.records import TreeRecord
+from aloe_jax.core.errors import DataError
 from aloe_jax.models.attention import TreeMask, dense_tree_mask
-from aloe_jax.tokenizer import encode_chat
+from aloe_jax.models.tokenizer import encode_chat
 
 ReplyKind = Literal["preferred", "rejected"]
 

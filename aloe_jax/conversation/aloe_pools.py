@@ -16,8 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Literal
 
-from aloe_jax import storage
-from aloe_jax.errors import DataError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import DataError
 
 ALOE_REPO = "ShujinWu-0814/ALOE"
 ALOE_REVISION = "b1b8285e3a759c8f7d9b84034447c89857f02e98"
@@ -161,7 +161,7 @@ def _fetch_cached(name: str, base_url: str) -> bytes:
     # Content-addressed: the cache key is the pinned hash, so any mirror serving the right bytes fills the same entry,
     # and a stale or corrupt entry is detected (and replaced) by the same check.
     file = ALOE_FILES[name]
-    cached = storage.cache_dir() / "aloe_sources" / file.sha256 / file.filename
+    cached = storage.cache_dir() / "aloe_pools" / file.sha256 / file.filename
     if cached.exists():
         data = cached.read_bytes()
         if hashlib.sha256(data).hexdigest() == file.sha256:

@@ -2,7 +2,7 @@
 
 Stock templates have no `{% generation %}` tags: transformers then only warns and returns an all-zero mask, and SFT
 or DPO would silently train on nothing (or, with a fallback, on everything). Our templates (package data in
-`aloe_jax/templates/`) render the same text as each model's stock template and wrap exactly each assistant reply
+`aloe_jax/models/templates/`) render the same text as each model's stock template and wrap exactly each assistant reply
 and its end-of-turn token in `{% generation %}`. A variant is one family file plus default values for its Jinja
 variables (for example the system prompt ChatML writes when a conversation has none).
 """
@@ -14,8 +14,8 @@ import importlib.resources
 import json
 import os
 
-from aloe_jax import storage
-from aloe_jax.errors import AloeError, ConfigError, DataError, ModelLoadError
+from aloe_jax.core import storage
+from aloe_jax.core.errors import AloeError, ConfigError, DataError, ModelLoadError
 from aloe_jax.models.config import SUPPORTED_MODEL_TYPES, unsupported_model_type_message
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -47,7 +47,7 @@ def chat_template(name: str) -> str:
     if name not in CHAT_TEMPLATES:
         raise ConfigError(f"unknown chat template {name!r}; templates: {', '.join(CHAT_TEMPLATES)}")
     family, defaults = CHAT_TEMPLATES[name]
-    body = importlib.resources.files("aloe_jax").joinpath(f"templates/{family}.jinja").read_text("utf-8")
+    body = importlib.resources.files("aloe_jax.models").joinpath(f"templates/{family}.jinja").read_text("utf-8")
     # `is not defined` lets a caller override a default through apply_chat_template(..., default_system="").
     header = "".join(
         f"{{%- if {key} is not defined -%}}{{%- set {key} = {json.dumps(value)} -%}}{{%- endif -%}}\n"
@@ -125,8 +125,8 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     if replies and not any(mask):
         raise ChatTemplateError(
             "the tokenizer's chat template has no {% generation %} tags, so no assistant tokens can be masked; "
-            "load the tokenizer with aloe_jax.tokenizer.load_tokenizer (or set tokenizer.chat_template = "
-            "aloe_jax.tokenizer.chat_template(name)) to use our templates"
+            "load the tokenizer with aloe_jax.models.tokenizer.load_tokenizer (or set tokenizer.chat_template = "
+            "aloe_jax.models.tokenizer.chat_template(name)) to use our templates"
         )
     # Every template of ours separates replies by unmasked header tokens: one masked run per reply.
     if _masked_runs(mask) != replies:
