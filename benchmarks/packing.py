@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct (fp32, CPU unless an accelerator is present).
 
 Naive: each reply scored after its full history, one sequence per reply (2 per turn), micro-batched by length
-(padded to a multiple of 256, as a per-pair trainer would). Packed: one sequence per tree (DESIGN §3). Both sides are
+(padded to a multiple of 256, as a per-pair trainer would). Packed: one sequence per tree (docs/DESIGN.md §3). Both sides are
 jit-compiled and warmed up on every shape before timing; the printout also gives the largest |Δ log-prob| between
 the two, which must be float noise.
 

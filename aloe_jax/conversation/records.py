@@ -1,4 +1,4 @@
-"""The preference-tree record: one conversation per JSONL line (DESIGN §3), shared by the data pipeline that writes
+"""The preference-tree record: one conversation per JSONL line (docs/DESIGN.md §3), shared by the data pipeline that writes
 it and the trainer that reads it."""
 
 from __future__ import annotations

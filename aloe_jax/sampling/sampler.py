@@ -115,15 +115,16 @@ def bucket(n: int, minimum: int, step: int | None = None) -> int:
     return size
 
 
-# Batch rows and prompt lengths above these go up in steps of them (see bucket). In a 100-case evaluation this cut the
-# padded prefill tokens from 1.7x to ~1.2x the real ones; the extra compiled shapes are one per (length) step used.
+# Batch rows and prompt lengths above these go up in steps of them (see bucket): an evaluation's batch of cases and
+# its long prompts then pad to the next step, not the next half-octave, at the cost of one compiled shape per step
+# used (the padding it saves: benchmarks/README.md).
 BATCH_STEP, PROMPT_STEP = 8, 128
 
 
-# The nucleus (top-p without top-k) is looked for among this many most likely tokens first. A full sort of the
-# vocabulary per step was the sampler's slowest op on CPU: 1.1 s for [104, 49152] logits vs 0.05 s for lax.top_k(1024),
-# i.e. over a minute per 64-token simulator turn of a 100-case evaluation. When a row's nucleus reaches past the
-# candidates (a nearly flat distribution), the whole batch takes the full sort instead, so the result never changes.
+# The nucleus (top-p without top-k) is looked for among this many most likely tokens first, because a full sort of
+# the vocabulary at every decode step costs far more than lax.top_k of a few candidates (benchmarks/top_p.py). When a
+# row's nucleus reaches past the candidates (a nearly flat distribution), the whole batch takes the full sort instead,
+# so the result never changes.
 _NUCLEUS_CANDIDATES = 1024
 
 

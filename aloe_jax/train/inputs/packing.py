@@ -1,5 +1,5 @@
 """Tree packing: one sequence per conversation holding the spine and every side branch, so one forward pass scores
-every preferred and rejected reply, each conditioned on its true history (DESIGN §3).
+every preferred and rejected reply, each conditioned on its true history (docs/DESIGN.md §3).
 
 Layout of a packed sequence:
 
