@@ -10,7 +10,7 @@ from aloe_jax.core.config import StrictModel
 from aloe_jax.train.inputs.pipeline import DataConfig
 from aloe_jax.models.sharding import MeshConfig
 
-Objective = Literal["sft", "dpo"]
+ObjectiveName = Literal["sft", "dpo"]  # the keys of aloe_jax.train.objectives.OBJECTIVES
 DType = Literal["float32", "bfloat16"]
 
 
@@ -55,10 +55,18 @@ class LogConfig(StrictModel):
     progress_bar: bool = True
 
 
+class EvalDataConfig(StrictModel):
+    """Held-out trees whose objective loss and metrics (no gradients) are logged as eval/<name> during training."""
+
+    path: str | None = None  # in any format `data.path` takes, packed and batched as the training data; None = off
+    every: int = pydantic.Field(100, gt=0)  # steps between held-out evaluations (and one after the last step)
+    batches: int | None = pydantic.Field(None, gt=0)  # the first N global batches of the held-out data; None = all
+
+
 class TrainConfig(StrictModel):
     """One SFT or DPO run."""
 
-    objective: Objective = "sft"
+    objective: ObjectiveName = "sft"
     model: str | None = None  # HF folder (local or gs://), a trainer checkpoint, or None for the embedded SmolLM2
     output_dir: str  # local or gs://: checkpoints, the model's config + tokenizer, logs
     param_dtype: DType = "float32"  # master weights and optimizer state
@@ -80,6 +88,7 @@ class TrainConfig(StrictModel):
     dpo: DPOConfig = DPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    eval_data: EvalDataConfig = EvalDataConfig()
 
     @pydantic.field_validator("remat", mode="before")
     @classmethod
