@@ -7,8 +7,9 @@ caller records as such.
 
 from __future__ import annotations
 
-import hashlib
 import re
+
+from aloe_jax.conversation.messages import Exchange, prompt_hash as hash_texts, simulator_messages, transcript
 
 PERSONA_FORMAT = {
     "profile": ("a profile: eight to ten plain facts about one person (age, job, where they live, family, "
@@ -58,6 +59,8 @@ JUDGE_USER = (
     "Which reply suits this user better? Answer with the single letter A or B."
 )
 
+JUDGE_RETRY = "Answer with exactly one letter: A or B."
+
 JUDGE_OPTIONS = ("A", "B")
 
 
@@ -84,22 +87,10 @@ def parse_persona_list(text: str, min_words: int) -> list[str]:
     return entries
 
 
-def user_simulator_messages(profile: str, personality: str, spine: list[dict]) -> list[dict]:
-    """The simulator's chat: its persona as system prompt and the conversation seen from the user's side (the
-    assistant's replies arrive as "user" messages, the person's own messages are its "assistant" turns)."""
-    flipped = {"user": "assistant", "assistant": "user"}
-    messages = [{"role": "system", "content": USER_SIMULATOR_SYSTEM.format(profile=profile, personality=personality)},
-                {"role": "user", "content": USER_SIMULATOR_OPENER}]
-    if spine:
-        # The opener already sits in the "user" slot; the person's first message answers it.
-        messages += [{"role": flipped[m["role"]], "content": m["content"]} for m in spine]
-    return messages
-
-
-def transcript(spine: list[dict]) -> str:
-    """A conversation as plain text lines `User: ...` / `Assistant: ...`."""
-    names = {"user": "User", "assistant": "Assistant"}
-    return "\n".join(f"{names[m['role']]}: {m['content']}" for m in spine if m["role"] in names)
+def user_simulator_messages(profile: str, personality: str, exchanges: list[Exchange]) -> list[dict]:
+    """The simulator's chat: it plays the persona, seeing the conversation so far from the user's side."""
+    return simulator_messages(USER_SIMULATOR_SYSTEM.format(profile=profile, personality=personality),
+                              USER_SIMULATOR_OPENER, exchanges)
 
 
 def extractor_messages(spine: list[dict]) -> list[dict]:
@@ -155,7 +146,8 @@ def parse_judge_choice(text: str) -> str | None:
 
 
 def prompt_hash() -> str:
-    """sha256 (first 16 hex digits) of every prompt template: equal hashes mean equal prompts in protocol cards."""
-    parts = [PERSONA_GENERATOR_SYSTEM, *PERSONA_FORMAT.values(), USER_SIMULATOR_SYSTEM, USER_SIMULATOR_OPENER,
-             EXTRACTOR_SYSTEM, HINTED_RESPONDER_SYSTEM, JUDGE_SYSTEM, JUDGE_USER, *JUDGE_OPTIONS]
-    return hashlib.sha256("\x1e".join(parts).encode("utf-8")).hexdigest()[:16]
+    """The hash of the prompt templates above, for protocol cards."""
+    # JUDGE_RETRY is not hashed: it was not when the hash was introduced, and hashing it now would refuse every
+    # existing state folder although no prompt changed.
+    return hash_texts(PERSONA_GENERATOR_SYSTEM, *PERSONA_FORMAT.values(), USER_SIMULATOR_SYSTEM, USER_SIMULATOR_OPENER,
+                      EXTRACTOR_SYSTEM, HINTED_RESPONDER_SYSTEM, JUDGE_SYSTEM, JUDGE_USER, *JUDGE_OPTIONS)

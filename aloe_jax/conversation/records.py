@@ -7,6 +7,7 @@ from typing import Literal
 
 import pydantic
 
+from aloe_jax.conversation.messages import Exchange, chat_messages
 from aloe_jax.core.errors import DataError
 
 
@@ -54,15 +55,17 @@ class TreeRecord(pydantic.BaseModel):
 
     def history(self, turn: int) -> list[dict]:
         """The chat messages before turn `turn`'s reply: the spine so far plus that turn's user message."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        for t in self.turns[:turn]:
-            messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.reply(t.continued)}]
-        return messages + [{"role": "user", "content": self.turns[turn].user}]
+        return chat_messages(spine_exchanges(self.turns[:turn]), self.turns[turn].user, self.system)
 
     def spine(self) -> list[dict]:
         """The whole conversation along the continued replies."""
         last = self.turns[-1]
         return self.history(len(self.turns) - 1) + [{"role": "assistant", "content": last.reply(last.continued)}]
+
+
+def spine_exchanges(turns: list[Turn]) -> list[Exchange]:
+    """(user message, continued reply) of each turn: the conversation as it went on."""
+    return [(t.user, t.reply(t.continued)) for t in turns]
 
 
 def parse_tree(line: str, where: str = "") -> TreeRecord:

@@ -6,7 +6,8 @@ Two ways to get a score:
   probability renormalised over the five) is kept too, since it moves before the argmax does.
 - `text` (any chat endpoint): greedy generation, read with a strict pattern; an unreadable answer is retried by
   telling the judge what went wrong, and after the last retry the turn is recorded as missing (None), never as 0.
-Every raw answer (or the option log-probabilities) goes into the record.
+Every raw answer (or the option log-probabilities) goes into the record. Both ways are the shared
+`aloe_jax.conversation.judging.OptionJudge` over the options "1".."5".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from aloe_jax.conversation.judging import OptionJudge
 from aloe_jax.eval.prompts import JUDGE_RETRY, SCORE_OPTIONS
 from aloe_jax.llm.base import Conversation, GenerationParams
 from aloe_jax.llm.roles import Role
@@ -66,42 +68,22 @@ def verdict_from_logprobs(option_logprobs: Sequence[float]) -> Verdict | None:
                    option_mass=float(np.exp(top) * weights.sum()))
 
 
+def _score_option(text: str) -> str | None:
+    score = parse_score(text)
+    return None if score is None else SCORE_OPTIONS[score - 1]
+
+
 class Judge:
     """Scores batches of judge chats on a Role."""
 
     def __init__(self, role: Role, method: JudgeMethod = "logprobs", max_retries: int = 2, max_tokens: int = 8):
         self.role, self.method, self.max_retries, self.max_tokens = role, method, max_retries, max_tokens
+        self._judge = OptionJudge(role, SCORE_OPTIONS, _score_option, JUDGE_RETRY, max_retries,
+                                  use_logprobs=method == "logprobs")
 
     def score(self, chats: Sequence[Conversation]) -> list[Verdict]:
         """One Verdict per chat; chats the option scorer cannot handle fall back to reading text."""
-        verdicts: list[Verdict | None] = [None] * len(chats)
-        if self.method == "logprobs" and chats:
-            rows = self.role.score_options(list(chats), SCORE_OPTIONS)
-            if rows is not None:
-                verdicts = [verdict_from_logprobs(row) for row in rows]
-        todo = [i for i, v in enumerate(verdicts) if v is None]
-        for i, verdict in zip(todo, self._score_text([chats[i] for i in todo])):
-            verdicts[i] = verdict
-        return verdicts
-
-    def _score_text(self, chats: Sequence[Conversation]) -> list[Verdict]:
-        params = GenerationParams(temperature=0.0, max_tokens=self.max_tokens)
-        threads = [list(chat) for chat in chats]
-        raws: list[list[str]] = [[] for _ in chats]
-        scores: list[int | None] = [None] * len(chats)
-        pending = list(range(len(chats)))
-        for attempt in range(1 + self.max_retries):
-            if not pending:
-                break
-            if attempt:
-                # Greedy decoding of the same chat would repeat the same answer (and hit the call cache): show the
-                # judge its unreadable answer and ask again, which is a different chat.
-                for i in pending:
-                    threads[i] += [{"role": "assistant", "content": raws[i][-1]},
-                                   {"role": "user", "content": JUDGE_RETRY}]
-            answers = self.role.chat([threads[i] for i in pending], params)
-            for i, answer in zip(pending, answers):
-                raws[i].append(answer.text)
-                scores[i] = parse_score(answer.text)
-            pending = [i for i in pending if scores[i] is None]
-        return [Verdict(score=scores[i], method="text", raw=raws[i]) for i in range(len(chats))]
+        rulings = self._judge.rule(chats, GenerationParams(temperature=0.0, max_tokens=self.max_tokens))
+        return [verdict_from_logprobs(r.option_logprobs) if r.method == "logprobs"
+                else Verdict(score=None if r.choice is None else int(r.choice), method="text", raw=r.raw)
+                for r in rulings]

@@ -3,9 +3,8 @@ of them for the protocol card (two runs are comparable only when their prompts h
 
 from __future__ import annotations
 
-import hashlib
-import json
-
+from aloe_jax.conversation import messages
+from aloe_jax.conversation.messages import Exchange
 from aloe_jax.eval.cases import EvalCase
 
 SIMULATOR_SYSTEM = (
@@ -46,34 +45,23 @@ SCORE_OPTIONS = ("1", "2", "3", "4", "5")
 
 
 def prompt_hash() -> str:
-    """12 hex digits identifying every prompt text above."""
-    texts = [SIMULATOR_SYSTEM, SIMULATOR_OPENER, JUDGE_SYSTEM, JUDGE_USER, JUDGE_HISTORY, JUDGE_RETRY,
-             list(SCORE_OPTIONS)]
-    return hashlib.sha256(json.dumps(texts).encode("utf-8")).hexdigest()[:12]
+    """The hash of every prompt text above, for the protocol card."""
+    return messages.prompt_hash(SIMULATOR_SYSTEM, SIMULATOR_OPENER, JUDGE_SYSTEM, JUDGE_USER, JUDGE_HISTORY,
+                                JUDGE_RETRY, *SCORE_OPTIONS)
 
 
-def simulator_messages(case: EvalCase, history: list[tuple[str, str]]) -> list[dict]:
-    """The simulator's chat for its next message. `history` holds (user message, assistant reply) pairs so far.
-
-    Roles are mirrored: the simulator speaks as the assistant of its own chat, and the model under test's replies
-    arrive as the user's messages.
-    """
-    messages = [{"role": "system", "content": SIMULATOR_SYSTEM.format(profile=case.profile,
-                                                                       personality=case.personality)},
-                {"role": "user", "content": SIMULATOR_OPENER}]
-    for user, reply in history:
-        messages.append({"role": "assistant", "content": user})
-        messages.append({"role": "user", "content": reply})
-    return messages
+def simulator_messages(case: EvalCase, history: list[Exchange]) -> list[dict]:
+    """The simulator's chat for its next message, playing `case`; `history` holds the exchanges so far."""
+    return messages.simulator_messages(SIMULATOR_SYSTEM.format(profile=case.profile, personality=case.personality),
+                                       SIMULATOR_OPENER, history)
 
 
-def judge_messages(case: EvalCase, history: list[tuple[str, str]], user: str, reply: str,
-                   history_turns: int) -> list[dict]:
+def judge_messages(case: EvalCase, history: list[Exchange], user: str, reply: str, history_turns: int) -> list[dict]:
     """The judge's chat for rating `reply` to `user`, showing the last `history_turns` earlier exchanges."""
     shown = history[-history_turns:] if history_turns > 0 else []
     earlier = ""
     if shown:
-        earlier = JUDGE_HISTORY.format(turns="\n".join(f"User: {u}\nAssistant: {a}" for u, a in shown))
+        earlier = JUDGE_HISTORY.format(turns=messages.transcript(messages.chat_messages(shown)))
     content = JUDGE_USER.format(profile=case.profile, personality=case.personality, history=earlier, user=user,
                                 reply=reply)
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
