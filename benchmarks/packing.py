@@ -70,7 +70,8 @@ def main() -> None:
     from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
     from aloe_jax.models.loader import load_model
     from aloe_jax.models.tokenizer import encode_chat
-    from aloe_jax.train.losses import reply_sums, token_logprobs
+    from aloe_jax.models.decoder import logprobs_of_labels
+    from aloe_jax.train.losses import reply_sums
 
     model, tokenizer = load_model(None)
     trees = make_trees(args.trees, args.turns)
@@ -79,13 +80,13 @@ def main() -> None:
     @nnx.jit
     def packed_forward(model, b):
         logits, _ = model(b["tokens"], b["positions"], packed_attention_mask(b["segment"], b["visible_prefix"]))
-        return reply_sums(token_logprobs(logits, b["labels"]), b["reply_index"], num_replies)
+        return reply_sums(logprobs_of_labels(logits, b["labels"]), b["reply_index"], num_replies)
 
     @nnx.jit
     def causal_forward(model, tokens, target_mask):
         n = tokens.shape[1]
         logits, _ = model(tokens, jnp.broadcast_to(jnp.arange(n), tokens.shape), jnp.tril(jnp.ones((n, n), bool))[None])
-        return jnp.sum(token_logprobs(logits[:, :-1], tokens[:, 1:]) * target_mask[:, 1:], axis=1)
+        return jnp.sum(logprobs_of_labels(logits[:, :-1], tokens[:, 1:]) * target_mask[:, 1:], axis=1)
 
     packed = [pack_tree(tokenizer, t, max_len=1 << 16) for t in trees]
     seq_len = _pad_to(max(len(p) for p in packed))

@@ -20,7 +20,8 @@ from aloe_jax.models.decoder import Decoder, RuntimeOptions, stack_layers, unsta
 from aloe_jax.models.loader import load_model, relayout
 from aloe_jax.models.weights import load_hf_model
 from aloe_jax.train.config import DPOConfig
-from aloe_jax.train.step import make_grad_fn
+from aloe_jax.train.objectives import DPO, SFT
+from aloe_jax.train.step import StepContext, make_grad_fn
 from tests import tiny_models
 from tests.test_packing import make_tree
 
@@ -117,7 +118,7 @@ def test_every_objective_remat_dtype_and_layout_gives_the_plain_gradients(object
     """Each combination a config can select (objective × remat × compute dtype × scan_layers × attention) against
     the plain path (no remat, unrolled, dense): fp32 ≤ 1e-6; bf16 within bf16 rounding of the plain bf16 result."""
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
-    dpo = DPOConfig(loss_type=loss_type or "sigmoid")
+    dpo = DPO(DPOConfig(loss_type=loss_type)) if objective == "dpo" else None
     plain = Decoder(_tiny_cfg(dtype), nnx.Rngs(0), RuntimeOptions(attention="dense"))
     graphdef, params = nnx.split(plain)
     # A reference unlike the policy, so that DPO's gradient is not the degenerate one at the reference point.
@@ -126,8 +127,8 @@ def test_every_objective_remat_dtype_and_layout_gives_the_plain_gradients(object
     def grads_of(options):
         model = relayout(nnx.merge(graphdef, params), options)
         g, p = nnx.split(model)
-        r = nnx.state(relayout(nnx.merge(graphdef, ref), options)) if objective == "dpo" else None
-        grads, metrics = jax.jit(make_grad_fn(g, objective, dpo, 2, mesh))(p, r, tree_batch)
+        r = nnx.state(relayout(nnx.merge(graphdef, ref), options)) if dpo else None
+        grads, metrics = jax.jit(make_grad_fn(StepContext(g, dpo or SFT(), 2, mesh)))(p, r, tree_batch)
         return (unstack_layers(grads) if options.scan_layers else grads), metrics
 
     want, want_metrics = grads_of(RuntimeOptions(attention="dense"))

@@ -12,7 +12,8 @@ from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
 from aloe_jax.models.config import read_hf_config
 from aloe_jax.models.weights import load_hf_model
 from aloe_jax.models.tokenizer import encode_chat
-from aloe_jax.train.losses import dpo_loss, reply_sums, sft_loss, token_logprobs
+from aloe_jax.models.decoder import logprobs_of_labels
+from aloe_jax.train.losses import dpo_loss, reply_sums, sft_loss
 from tests import tiny_models
 from tests.test_packing import make_tree
 
@@ -57,7 +58,7 @@ def setup(tmp_path_factory, smollm2_tokenizer):
 def _packed_logps(model, b):
     """`[rows, seq]` log p(label) and `[rows, 2·max_pairs]` per-reply sums and token counts from one packed forward."""
     logits, _ = model(b["tokens"], b["positions"], packed_attention_mask(b["segment"], b["visible_prefix"]))
-    logps = token_logprobs(logits, b["labels"])
+    logps = logprobs_of_labels(logits, b["labels"])
     sums = reply_sums(logps, b["reply_index"], 2 * MAX_PAIRS)
     return logps, sums, reply_sums(jnp.ones_like(logps), b["reply_index"], 2 * MAX_PAIRS)
 
@@ -194,14 +195,15 @@ def test_sft_loss_is_mean_nll_of_preferred_judged_replies(setup, packed, naive):
 
 @pytest.fixture(scope="module")
 def trainer_loss_sums(setup):
-    """`loss_sums(loss_type, beta, label_smoothing)`: the trainer's own DPO objective (aloe_jax.train.step.loss_sums,
-    the function every micro-batch goes through) on the packed batch, policy and reference loaded from their folders."""
+    """`loss_sums(loss_type, beta, label_smoothing)`: the trainer's own DPO objective (aloe_jax.train.objectives.DPO's
+    loss_sums, the function every micro-batch goes through) on the packed batch, policy and reference loaded from
+    their folders."""
     import functools
 
     import jax
 
     from aloe_jax.train.config import DPOConfig
-    from aloe_jax.train.step import loss_sums
+    from aloe_jax.train.objectives import DPO
 
     _, _, batch, policy_dir, reference_dir = setup
     graphdef, params = nnx.split(load_hf_model(str(policy_dir), read_hf_config(str(policy_dir))))
@@ -210,7 +212,7 @@ def trainer_loss_sums(setup):
 
     def run(loss_type: str, beta: float, label_smoothing: float):
         dpo = DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-        fn = jax.jit(functools.partial(loss_sums, graphdef, "dpo", dpo))
+        fn = jax.jit(functools.partial(DPO(dpo).loss_sums, graphdef))
         return fn(params, ref_params, b)
 
     return run

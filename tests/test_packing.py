@@ -13,7 +13,8 @@ from aloe_jax.train.inputs.packing import pack_tree, packed_attention_mask
 from aloe_jax.conversation.records import TreeRecord, Turn, parse_tree
 from aloe_jax.core.errors import DataError
 from aloe_jax.models.tokenizer import encode_chat
-from aloe_jax.train.losses import reply_sums, token_logprobs
+from aloe_jax.models.decoder import logprobs_of_labels
+from aloe_jax.train.losses import reply_sums
 
 WORDS = "hiking vegan coffee guitar cats yoga painting travel quiet curious planner anxious bold the a is and".split()
 
@@ -34,7 +35,7 @@ def make_tree(seed: int, turns: int = 10, system: str | None = None) -> TreeReco
 def _packed_reply_logps(model, tokens, positions, segment, visible_prefix, labels, reply_index):
     """`[batch, 20]` summed log-probs of every reply from one packed forward pass."""
     logits, _ = model(tokens, positions, packed_attention_mask(segment, visible_prefix))
-    return reply_sums(token_logprobs(logits, labels), reply_index, 20)
+    return reply_sums(logprobs_of_labels(logits, labels), reply_index, 20)
 
 
 def _forward(model, packed_list, pad_id=0):
@@ -57,7 +58,7 @@ def _causal_logprobs(model, tokens):
     """`[1, len - 1]` log p(next token) of a plain causal forward; end padding is invisible to earlier tokens."""
     n = tokens.shape[1]
     logits, _ = model(tokens, jnp.arange(n)[None], jnp.tril(jnp.ones((n, n), bool))[None])
-    return token_logprobs(logits[:, :-1], tokens[:, 1:])
+    return logprobs_of_labels(logits[:, :-1], tokens[:, 1:])
 
 
 def _naive(model, tokenizer, tree: TreeRecord, turn: int, kind: str) -> float:
@@ -151,7 +152,7 @@ def _sft_target_logp(model, batch):
     """Σ log p over the SFT targets of each row, from one packed forward pass."""
     logits, _ = model(batch["tokens"], batch["positions"], packed_attention_mask(batch["segment"],
                                                                                  batch["visible_prefix"]))
-    return jnp.sum(token_logprobs(logits, batch["labels"]) * batch["sft_weight"], axis=1)
+    return jnp.sum(logprobs_of_labels(logits, batch["labels"]) * batch["sft_weight"], axis=1)
 
 
 def test_sft_packing_leaves_out_rejected_branches_and_keeps_every_target(tiny_chat_engine):

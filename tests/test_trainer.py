@@ -21,7 +21,8 @@ from aloe_jax.train import optim
 from aloe_jax.models.run_folder import write_run_files
 from aloe_jax.train.checkpoint import Checkpointer
 from aloe_jax.train.config import DPOConfig, OptimConfig, TrainConfig
-from aloe_jax.train.step import make_grad_fn
+from aloe_jax.train.objectives import DPO, OBJECTIVES, SFT
+from aloe_jax.train.step import StepContext, make_grad_fn
 from aloe_jax.train.trainer import Trainer
 from tests.test_packing import make_tree
 
@@ -66,6 +67,11 @@ def batches(smollm2_tokenizer):
     return out
 
 
+def jit_grad_fn(graphdef, objective, micro_batches, mesh):
+    """The step's `grad_fn` for `objective`, jit-compiled."""
+    return jax.jit(make_grad_fn(StepContext(graphdef, objective, micro_batches, mesh)))
+
+
 def train_config(tmp_path, **kw):
     return TrainConfig(output_dir=str(tmp_path), data=DataConfig(path="unused.jsonl", seq_len=SEQ, max_pairs=3),
                        batch_size=8, optim=OptimConfig(lr=3e-3, warmup_steps=1), **kw)
@@ -80,14 +86,14 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(batches, objective):
     batch = global_batch(batches[0], mesh)
     grads, metrics = {}, {}
     for micro in (1, 4):
-        fn = jax.jit(make_grad_fn(graphdef, objective, DPOConfig(), micro, mesh))
+        fn = jit_grad_fn(graphdef, OBJECTIVES[objective](), micro, mesh)
         grads[micro], metrics[micro] = fn(params, ref if objective == "dpo" else None, batch)
     big, accumulated = jax.tree.leaves(grads[1]), jax.tree.leaves(grads[4])
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(big, accumulated)) <= 1e-5
     assert abs(float(metrics[1]["loss"]) - float(metrics[4]["loss"])) <= 1e-5
     assert float(metrics[1]["targets"]) == float(metrics[4]["targets"]) > 0
     # The test can fail: averaging per-micro-batch means (normalising too early) gives a different gradient.
-    one_pass = jax.jit(make_grad_fn(graphdef, objective, DPOConfig(), 1, mesh))
+    one_pass = jit_grad_fn(graphdef, OBJECTIVES[objective](), 1, mesh)
     per_micro = [one_pass(params, ref if objective == "dpo" else None, jax.tree.map(lambda x: x[m::4], batch))[0]
                  for m in range(4)]
     early = jax.tree.map(lambda *g: sum(g) / 4, *per_micro)
@@ -101,7 +107,7 @@ def test_accumulated_gradient_is_the_gradient_of_the_batch_mean_loss(batches):
     mesh = mesh_of(2, 1, 1)
     graphdef, params = nnx.split(tiny_model(mesh))
     host = batches[0]
-    grad_fn = jax.jit(make_grad_fn(graphdef, "sft", DPOConfig(), 2, mesh))
+    grad_fn = jit_grad_fn(graphdef, SFT(), 2, mesh)
     grads, metrics = grad_fn(params, None, global_batch(host, mesh))
     b = {name: jnp.asarray(value) for name, value in host.items()}
 
@@ -151,7 +157,7 @@ def test_dpo_loss_trajectory_agrees_across_meshes(batches, tmp_path):
 def test_dpo_losses_at_the_reference_point_and_metrics(batches, loss_type, at_reference):
     mesh = mesh_of(1, 1, 1)
     graphdef, params = nnx.split(tiny_model(mesh))
-    fn = jax.jit(make_grad_fn(graphdef, "dpo", DPOConfig(beta=0.5, loss_type=loss_type), 1, mesh))
+    fn = jit_grad_fn(graphdef, DPO(DPOConfig(beta=0.5, loss_type=loss_type)), 1, mesh)
     batch = global_batch(batches[1], mesh)
     _, metrics = fn(params, params, batch)
     assert abs(float(metrics["loss"]) - at_reference) < 1e-5
@@ -214,8 +220,7 @@ def test_dpo_steps_raise_every_pairs_margin_and_the_accuracy_against_the_referen
     policy = _naive_pair_logps(nnx.merge(trainer.graphdef, state.params), smollm2_tokenizer, trees)
     margins = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1])  # [pairs]
     assert len(margins) == float(batches[0]["pair_weight"].sum()) and (margins > 0).all(), margins
-    _, metrics = jax.jit(make_grad_fn(trainer.graphdef, "dpo", cfg.dpo, 1, mesh))(state.params, trainer.ref_params,
-                                                                                  batch)
+    _, metrics = jit_grad_fn(trainer.graphdef, trainer.objective, 1, mesh)(state.params, trainer.ref_params, batch)
     assert float(metrics["reward_accuracy"]) == 1.0
     np.testing.assert_allclose(float(metrics["reward_margin"]), cfg.dpo.beta * margins.mean(), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(float(metrics["chosen_reward"]),
@@ -240,7 +245,7 @@ def test_dpo_reference_stays_frozen_and_remat_and_bf16_compute_keep_the_numbers(
     for name, kw in {"fp32": {}, "remat": {"remat": True}, "bf16": {"dtype": "bfloat16"}}.items():
         graphdef, params = nnx.split(tiny_model(mesh, **kw))
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-        results[name] = jax.jit(make_grad_fn(graphdef, "sft", DPOConfig(), 2, mesh))(params, None, batch)
+        results[name] = jit_grad_fn(graphdef, SFT(), 2, mesh)(params, None, batch)
     for a, b in zip(jax.tree.leaves(results["fp32"][0]), jax.tree.leaves(results["remat"][0])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert abs(float(results["bf16"][1]["loss"]) - float(results["fp32"][1]["loss"])) < 0.05

@@ -29,6 +29,7 @@ from aloe_jax.models.config import ModelConfig, read_hf_config
 from aloe_jax.models.presets import HF_PRESETS, preset_config
 from aloe_jax.models.weights import abstract_model
 from aloe_jax.train.config import TrainConfig
+from aloe_jax.train.objectives import forward_flops_per_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,36 +118,31 @@ def slice_mesh(mesh_cfg: sharding.MeshConfig, devices: list) -> Mesh:
     return jax.make_mesh(mesh_cfg.shape(len(devices)), sharding.MESH_AXES, axis_types=auto, devices=devices)
 
 
-def forward_flops_per_token(cfg: ModelConfig, context: int) -> float:
-    """Model FLOPs of one token's forward pass attending over `context` positions."""
-    from aloe_jax.train.metrics_log import train_flops_per_token
-
-    return train_flops_per_token(cfg, context, "sft") / 3  # a training token costs forward + 2 × forward (backward)
-
-
 def train_program(cfg: TrainConfig, model_cfg: ModelConfig, devices: list) -> Program:
     """The SFT or DPO optimizer step of a train config, as the Trainer compiles it."""
     from aloe_jax.train.inputs.batch import collate
-    from aloe_jax.train.metrics_log import train_flops_per_token
     from aloe_jax.train.step import batch_shardings
     from aloe_jax.train.trainer import Trainer, runtime_options
 
     mesh = slice_mesh(cfg.mesh, devices)
     model = abstract_model(model_cfg, runtime_options(cfg))
-    # DPO's reference is a frozen model of the same architecture: another argument with the policy's shardings.
-    trainer = Trainer(cfg, model, mesh, cfg.max_steps or 1, ref_model=model if cfg.objective == "dpo" else None)
+    # A reference (DPO's) is a frozen model of the same architecture: another argument with the policy's shardings;
+    # an objective without one ignores it.
+    trainer = Trainer(cfg, model, mesh, cfg.max_steps or 1, ref_model=model)
+    objective = trainer.objective
     host = collate([], cfg.batch_size, cfg.data.seq_len, cfg.data.max_pairs)  # the batch layout, all padding
+    host = {name: host[name] for name in objective.batch_fields}
     placed = batch_shardings(host, mesh)
     batch = {name: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed[name]) for name, a in host.items()}
     tokens = cfg.batch_size * cfg.data.seq_len
     return Program(
-        name=f"{cfg.objective}_step",
+        name=f"{objective.name}_step",
         shapes=(f"batch {cfg.batch_size} x {cfg.data.seq_len} tokens, micro_batches {cfg.micro_batches}, "
                 f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}, "
-                f"{cfg.param_dtype} params, {cfg.compute_dtype} compute, "
+                f"{cfg.model.param_dtype} params, {cfg.model.dtype} compute, "
                 + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.options).items())),
         lower=lambda: trainer.lower(trainer.abstract_state, batch),
-        model_flops=train_flops_per_token(model_cfg, cfg.data.seq_len, cfg.objective) * tokens,
+        model_flops=objective.flops_per_token(model_cfg, cfg.data.seq_len) * tokens,
         tokens=tokens,
     )
 
@@ -182,7 +178,7 @@ def generate_program(cfg: EvalConfig, model_cfg: ModelConfig, devices: list) -> 
         param_shardings = jax.tree.map(lambda _: one_chip, state)
         rows_of = replicated = lambda ndim: one_chip  # noqa: E731
     else:
-        param_shardings = sharding.state_shardings(model, mesh)
+        param_shardings = sharding.param_state_shardings(model, mesh)
         rows_of = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
         replicated = lambda ndim: NamedSharding(mesh, PartitionSpec())  # noqa: E731
 

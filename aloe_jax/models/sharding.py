@@ -101,7 +101,8 @@ def param_shardings(
     return sharding_of
 
 
-def state_shardings(model: nnx.Module, mesh: Mesh, rules: dict[str, str | None] = DEFAULT_RULES) -> nnx.State:
+def param_state_shardings(model: nnx.Module, mesh: Mesh,
+                          rules: dict[str, str | None] = DEFAULT_RULES) -> nnx.State:
     """The model's parameter state with every leaf replaced by its NamedSharding (for jit in/out_shardings)."""
     sharding_of = param_shardings(model, mesh, rules)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))

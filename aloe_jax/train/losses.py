@@ -11,8 +11,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from aloe_jax.models.decoder import logprobs_of_labels as token_logprobs  # noqa: F401 (one definition)
-
 
 def reply_sums(values: jax.Array, reply_index: jax.Array, num_replies: int) -> jax.Array:
     """`[batch, num_replies]` sum of `[batch, seq]` values over the tokens of each reply (index -1 ignored)."""

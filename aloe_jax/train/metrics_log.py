@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL file (one line per logged step, appended and flushed so a crash loses nothing), TensorBoard
+"""Training metrics: a JSONL file (one line per logged step and one per hook result, appended and flushed so a crash loses nothing), TensorBoard
 event files (tensorboardX, no TensorFlow needed) and a tqdm progress bar with loss, tokens/s and estimated MFU.
 
 Only process 0 writes. For a gs:// run folder the files are written to a local mirror and uploaded by `sync()`
@@ -15,7 +15,6 @@ import time
 import jax
 
 from aloe_jax.core import storage
-from aloe_jax.models.config import ModelConfig
 
 LOG_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
@@ -48,16 +47,6 @@ def peak_flops_of_kind(kind: str) -> float | None:
         if kind.startswith(prefix):
             return PEAK_FLOPS_BY_DEVICE_KIND[prefix]
     return None
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, objective: str) -> float:
-    """Model FLOPs per packed token of one optimizer step: 6·N for the matmuls (forward + backward) plus attention
-    scores over the full sequence, and for DPO one more forward (2·N + attention) through the reference model."""
-    # The input embedding is a lookup, not a matmul; a tied embedding is counted once, as the output head.
-    matmul_params = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # QK^T and PV, forward
-    forward = 2 * matmul_params + attention
-    return 3 * forward + (forward if objective == "dpo" else 0)
 
 
 class MetricsLogger:
@@ -115,6 +104,16 @@ class MetricsLogger:
                               refresh=False)
         self._bar.update(steps_done)
         return record
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Record `scalars` of optimizer step `step` (a hook's, e.g. eval/loss) under their own names, on their own
+        JSONL line."""
+        if not self.enabled or not scalars:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
 
     def sync(self) -> None:
         """Flush the files, and upload them when the run folder is on gs://."""

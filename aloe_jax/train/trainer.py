@@ -1,26 +1,34 @@
-"""The training loop shared by SFT and DPO: model + data + jit'd step + checkpoints + metrics.
+"""The training loop shared by every objective: model + data + jit'd step + hooks + checkpoints + metrics.
 
-`Trainer` holds what is fixed for a run (optimizer, shardings, the compiled step); `run` wires it to the data
-pipeline, the checkpoints and the logs, resuming from the latest checkpoint of the run folder when there is one.
+`Trainer` holds what is fixed for a run (objective, optimizer, shardings, the compiled step); `run` wires it to the
+data pipeline, the hooks, the checkpoints and the logs, resuming from the latest checkpoint of the run folder when
+there is one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aloe_jax.core.errors import ConfigError
 from aloe_jax.models import sharding
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
 from aloe_jax.train import optim
 from aloe_jax.train.config import TrainConfig
-from aloe_jax.train.step import TrainState, compile_train_step, init_state, make_train_step, state_shardings
+from aloe_jax.train.hooks import Hook
+from aloe_jax.train.inputs.pipeline import global_batch
+from aloe_jax.train.objectives import objective_of
+from aloe_jax.train.step import (StepContext, TrainState, compile_train_step, init_state, make_loss_sums_fn,
+                                 make_train_step, train_state_shardings)
 
 
 class Trainer:
-    """Optimizer, shardings and the compiled step of one run: `init_state()`, then `step(state, batch)`."""
+    """Objective, optimizer, shardings and the compiled step of one run: `init_state()`, then
+    `step(state, device_batch(local_batch))`."""
 
     def __init__(self, cfg: TrainConfig, model: Decoder, mesh: Mesh, total_steps: int,
                  ref_model: Decoder | None = None):
@@ -33,19 +41,21 @@ class Trainer:
             )
         self.cfg, self.mesh, self.total_steps, self.model_cfg = cfg, mesh, total_steps, model.cfg
         self.graphdef, self._params = nnx.split(model)
-        self.param_shardings = sharding.state_shardings(model, mesh)
+        self.param_shardings = sharding.param_state_shardings(model, mesh)
         self.schedule = optim.learning_rate_schedule(cfg.optim, total_steps)
         self.tx = optim.make_optimizer(cfg.optim, total_steps)
+        self.objective = objective_of(cfg)
         self.ref_params = None
-        if cfg.objective == "dpo":
+        if self.objective.needs_reference:
             # A frozen copy of its own: the policy's buffers are donated to (and overwritten by) every step.
             self.ref_params = nnx.split(ref_model)[1] if ref_model is not None else jax.tree.map(jnp.copy, self._params)
         abstract = jax.eval_shape(lambda p: init_state(p, self.tx, cfg.seed), self._params)
-        self.shardings = state_shardings(self.param_shardings, abstract, self.tx, mesh)
+        self.shardings = train_state_shardings(self.param_shardings, abstract, self.tx, mesh)
         self.abstract_state = jax.tree.map(
             lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract, self.shardings)
-        self._step_fn = make_train_step(self.graphdef, self.tx, self.schedule, cfg.objective, cfg.dpo,
-                                        cfg.micro_batches, mesh)
+        context = StepContext(self.graphdef, self.objective, cfg.micro_batches, mesh)
+        self._step_fn = make_train_step(context, self.tx, self.schedule)
+        self._loss_sums = jax.jit(make_loss_sums_fn(context), out_shardings=NamedSharding(mesh, PartitionSpec()))
         self._compiled = None
 
     def init_state(self) -> TrainState:
@@ -65,6 +75,15 @@ class Trainer:
         ref_shardings = self.param_shardings if self.ref_params is not None else None
         jitted = compile_train_step(self._step_fn, self.shardings, batch, ref_shardings, self.mesh)
         return jitted.lower(state, batch, self.ref_params)
+
+    def device_batch(self, local_batch: dict) -> dict:
+        """The objective's fields of this process's host batch, assembled into global arrays on the mesh."""
+        return global_batch({name: local_batch[name] for name in self.objective.batch_fields}, self.mesh)
+
+    def held_out_sums(self, params: nnx.State, batch: dict) -> dict:
+        """The objective's loss and metric sums (see `step.batch_means`) of a global batch under `params`, without
+        gradients."""
+        return self._loss_sums(params, self.ref_params, batch)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer step on a global batch (jax.Arrays over the mesh); `state` is donated."""
@@ -88,7 +107,7 @@ def runtime_options(cfg: TrainConfig) -> RuntimeOptions:
 def _load(spec: str | None, cfg: TrainConfig, mesh: Mesh):
     from aloe_jax.models.loader import load_model
 
-    return load_model(spec, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype, mesh=mesh,
+    return load_model(spec, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, mesh=mesh,
                       options=runtime_options(cfg))
 
 
@@ -106,25 +125,30 @@ def _check_resume_layout(cfg: TrainConfig) -> None:
                           f"it with scan_layers={str(saved).lower()} (or use a new output_dir)")
 
 
-def run(cfg: TrainConfig) -> dict[str, float]:
-    """Train as `cfg` says (resuming when the run folder has a checkpoint); returns the last logged metrics."""
+def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
+    """Train as `cfg` says (resuming when the run folder has a checkpoint), running the config's hooks and then
+    `hooks` after the steps each is due; returns the last logged training metrics."""
     from aloe_jax.core import distributed
     from aloe_jax.train.inputs import pipeline
     from aloe_jax.models.loader import DEFAULT_MODEL
     from aloe_jax.models.run_folder import write_run_files
     from aloe_jax.train.checkpoint import Checkpointer
-    from aloe_jax.train.metrics_log import MetricsLogger, peak_flops_per_device, train_flops_per_token
+    from aloe_jax.train.hooks import hooks_of
+    from aloe_jax.train.metrics_log import MetricsLogger, peak_flops_per_device
 
     _check_resume_layout(cfg)
     distributed.maybe_initialize()
     mesh = sharding.make_mesh(cfg.mesh)
-    model, tokenizer = _load(cfg.model, cfg, mesh)
-    ref_model = _load(cfg.dpo.reference, cfg, mesh)[0] if cfg.objective == "dpo" and cfg.dpo.reference else None
+    objective = objective_of(cfg)
+    model, tokenizer = _load(cfg.model.path, cfg, mesh)
+    reference = objective.reference_model if objective.needs_reference else None
+    ref_model = _load(reference, cfg, mesh)[0] if reference else None
     data_steps = pipeline.count_steps(cfg.data, cfg.batch_size)
     total_steps = min(cfg.max_steps, data_steps) if cfg.max_steps else data_steps
     trainer = Trainer(cfg, model, mesh, total_steps, ref_model)
     batches = iter(pipeline.tree_batches(cfg.data, tokenizer, cfg.batch_size,
-                                         rejected_branches=cfg.objective == "dpo"))
+                                         rejected_branches=objective.rejected_branches))
+    hooks = [*hooks_of(cfg, tokenizer, objective.rejected_branches), *hooks]
 
     checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
     latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
@@ -134,13 +158,13 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
     else:
         state = trainer.init_state()
-        write_run_files(cfg.output_dir, cfg.objective, cfg.model or DEFAULT_MODEL, model.cfg, tokenizer,
+        write_run_files(cfg.output_dir, objective.name, cfg.model.path or DEFAULT_MODEL, model.cfg, tokenizer,
                         scan_layers=cfg.scan_layers)
     del model  # its buffers now belong to `state`
 
     start = int(jax.device_get(state.step))
     logger = MetricsLogger(cfg.output_dir, total_steps, start,
-                           train_flops_per_token(trainer.model_cfg, cfg.data.seq_len, cfg.objective),
+                           objective.flops_per_token(trainer.model_cfg, cfg.data.seq_len),
                            peak_flops_per_device(cfg.log.peak_flops_per_device), cfg.log.progress_bar)
     report = pipeline.PackingReport()
     meta = {"config": cfg.model_dump(mode="json")}
@@ -150,15 +174,16 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         for step in range(start + 1, total_steps + 1):
             local = next(batches)
             report.update(local)
-            for name in pipeline.STAT_FIELDS:
-                local.pop(name)
-            state, metrics = trainer.step(state, pipeline.global_batch(local, mesh))
+            state, metrics = trainer.step(state, trainer.device_batch(local))
             pending.append(metrics)
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 host = jax.device_get(pending)  # the only device→host sync of the loop
                 logger.add_tokens(sum(float(m["tokens"]) for m in host))
                 record = logger.log(step, {k: float(v) for k, v in host[-1].items()}, len(host))
                 pending = []
+            for hook in hooks:
+                if hook.due(step, total_steps):
+                    logger.log_scalars(step, hook(trainer, step, state))
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 checkpointer.save(state, batches, meta)
                 logger.sync()
