@@ -33,6 +33,7 @@ _SAMPLER = "tests/test_sampler.py"
 _PACKING = "tests/test_packing.py"
 _METRICS = "tests/test_eval_metrics.py"
 _PIPELINE = "tests/test_train_inputs.py"
+_CONVERSATION = "tests/test_conversation.py"
 _THREE_BANDS = f"{_MODELS}::test_llama31_rope_scaling_in_all_three_bands_matches_transformers"
 _LOGITS_PARITY = f"{_MODELS}::test_logits_match_transformers_with_and_without_padding"
 _EXPORT = f"{_MODELS}::test_export_round_trip_and_transformers_loads_export"
@@ -104,8 +105,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_attention.py::test_blockwise_kernel_equals_dense_on_tree_masks_forward_and_gradient",),
            "blockwise attention forgets to rescale the running softmax denominator when the running max grows"),
     Mutant("history_always_preferred", "aloe_jax/conversation/records.py",
-           '{"role": "assistant", "content": t.reply(t.continued)}]',
-           '{"role": "assistant", "content": t.preferred}]',
+           "return [(t.user, t.reply(t.continued)) for t in turns]",
+           "return [(t.user, t.preferred) for t in turns]",
            (_PACKING,), "history follows the preferred reply even where the chat continued with the rejected one"),
     # --- RoPE and the model's config ------------------------------------------------------------------------------
     Mutant("rope_medium_band_weights_swapped", "aloe_jax/models/rope.py",
@@ -186,6 +187,27 @@ MUTANTS: list[Mutant] = [
            'return np.array([b["avg"] - a["avg"], b["slope"] - a["slope"]])',
            'return np.array([a["avg"] - b["avg"], a["slope"] - b["slope"]])',
            (_METRICS,), "paired differences are A - B instead of B - A"),
+    # --- the conversation engine under tree generation and the evaluation ---------------------------------------
+    Mutant("resume_takes_turns_out_of_sequence", "aloe_jax/conversation/engine.py",
+           "if history is not None and turn == self.script.first_turn + len(history):",
+           "if history is not None and turn is not None:",
+           (f"{_CONVERSATION}::test_the_log_keeps_only_the_next_turn_in_sequence",),
+           "resume counts duplicate and out-of-sequence records as committed turns"),
+    Mutant("fingerprint_ignores_changed_settings", "aloe_jax/conversation/engine.py",
+           "if k not in fingerprint.may_change and saved.get(k) != card.get(k))",
+           "if k in fingerprint.may_change and saved.get(k) != card.get(k))",
+           (f"{_CONVERSATION}::test_a_folder_of_another_run_is_refused_in_one_line", "tests/test_trees.py"),
+           "a run folder of another run is resumed (settings mixed) and one that merely grew is refused"),
+    Mutant("judge_retry_same_seed", "aloe_jax/conversation/judging.py",
+           'params.model_copy(update={"seed": params.seed + attempt})', "params",
+           (f"{_CONVERSATION}::test_the_shared_judge_falls_back_to_text_retries_and_records_none",),
+           "a text judge's retries reuse the first attempt's seed"),
+    Mutant("batches_cut_from_unfinished_conversations", "aloe_jax/conversation/engine.py",
+           "batch = list(zip(ids[begin:begin + size], conversations[begin:begin + size]))",
+           "batch = [(i, c) for i, c in zip(ids, conversations) if len(done[i]) < self.turns][:size] "
+           "if begin == 0 else []",
+           (f"{_CONVERSATION}::test_batches_are_cut_from_all_conversations_not_from_the_unfinished_ones",),
+           "after a resume, batches mix conversations that an uninterrupted run batches apart"),
     Mutant("judge_accepts_any_digit", "aloe_jax/eval/judge.py",
            r"(?:(?:score|rating)\s*[:=]?\s*)?([1-5])", r"(?:(?:score|rating)\s*[:=]?\s*)?([0-9])",
            ("tests/test_eval_judge.py::test_parse_score",), "judge scores 0 and 6..9 are accepted"),
