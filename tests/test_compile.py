@@ -24,6 +24,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def slice_config(tmp_path_factory) -> str:
+    """The v5p-8 hardware layer on sft.yaml, in a file whose name names no model (so no preset is inferred)."""
+    path = tmp_path_factory.mktemp("slice") / "slice.yaml"
+    path.write_text("base: [sft, hardware/v5p-8]\n")
+    return str(path)
+
+
 def run_compile(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["compile", *argv])
     captured = capsys.readouterr()
@@ -38,9 +46,11 @@ def compile_json(capsys, *argv: str) -> tuple[int, list[dict]]:
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 @pytest.mark.parametrize("topology, chips, hosts", [("v5p-8", 4, 1), ("v5p-64", 32, 8)])
 def test_train_steps_of_a_slice_config_compile_and_fit(capsys, tiny_model, objective, topology, chips, hosts):
-    # The slice's own config (its mesh: fsdp 4 on v5p-8, fsdp 4 x tensor 8 on v5p-64; batch 4, remat) on a tiny model.
-    code, [report] = compile_json(capsys, "--config", f"configs/tpu/{topology}.yaml", "--topology", topology,
-                                  f"model={tiny_model}", f"objective={objective}", "data.seq_len=128")
+    # A run on the slice (hardware/<slice>.yaml: fsdp 4 on v5p-8, fsdp 4 x tensor 8 on v5p-64; batch 4, remat) on a
+    # tiny model.
+    run = f"configs/runs/llama3-8b-{objective}-{topology}.yaml"
+    code, [report] = compile_json(capsys, "--config", run, "--topology", topology, f"model.path={tiny_model}",
+                                  "data.seq_len=128")
     assert code == 0
     assert report["program"] == f"{objective}_step" and report["topology"] == topology
     assert (report["chips"], report["hosts"]) == (chips, hosts)
@@ -52,7 +62,7 @@ def test_train_steps_of_a_slice_config_compile_and_fit(capsys, tiny_model, objec
     assert report["flops_per_chip"] > 0 and report["model_flops_per_chip"] > 0 and report["compile_s"] > 0
     assert report["tokens_per_chip"] == 4 * 128 / chips
     assert report["roofline_tokens_per_s_per_chip"] > 0 and 0 < report["mfu_ceiling"] <= 1
-    assert report["config"] == f"configs/tpu/{topology}.yaml" and "config.json of" in report["model"]
+    assert report["config"] == run and "config.json of" in report["model"]
 
 
 def test_a_run_config_on_gcs_compiles_with_the_preset_its_model_names(capsys):
@@ -75,7 +85,7 @@ def test_gcs_model_names_map_to_their_presets():
 
 def test_eval_generation_program_compiles(capsys, tiny_model):
     code, [report] = compile_json(capsys, "--config", "configs/eval.yaml", "--topology", "v5e-4",
-                                  f"model.model={tiny_model}", "cases=10", "turns=2")
+                                  f"model.path={tiny_model}", "cases=10", "turns=2")
     assert code == 0
     assert report["program"] == "generate" and report["chips"] == 4 and report["fits"]
     assert report["flops_per_chip"] > 0 and report["model_flops_per_chip"] > 0
@@ -87,12 +97,12 @@ def test_eval_generation_program_compiles(capsys, tiny_model):
 
 def test_a_step_too_large_for_the_chip_does_not_fit(capsys, tiny_model):
     # A 16M-token vocabulary: 2.1e9 fp32 parameters with AdamW state and gradients exceed a v5e chip's 16 GB.
-    code, out, _ = run_compile(capsys, "--config", "configs/sft.yaml", "--topology", "v5e-1", f"model={tiny_model}",
+    code, out, _ = run_compile(capsys, "--config", "configs/sft.yaml", "--topology", "v5e-1", f"model.path={tiny_model}",
                                "arch.vocab_size=16777216", "data.seq_len=128", "batch_size=1")
     assert code == 1
     assert "does not fit by" in out and "RESOURCE_EXHAUSTED" in out
     code, [report] = compile_json(capsys, "--config", "configs/sft.yaml", "--topology", "v5e-1",
-                                  f"model={tiny_model}", "arch.vocab_size=16777216", "data.seq_len=128",
+                                  f"model.path={tiny_model}", "arch.vocab_size=16777216", "data.seq_len=128",
                                   "batch_size=1")
     assert code == 1 and not report["fits"] and report["peak_gib"] > report["hbm_gib"]
     assert report["hbm_gib"] == pytest.approx(15.75, abs=0.01)
@@ -101,21 +111,21 @@ def test_a_step_too_large_for_the_chip_does_not_fit(capsys, tiny_model):
 @pytest.mark.parametrize("argv, message", [
     (["--topology", "v5p-7"], "unknown topology 'v5p-7'; known: v5p-8, v5p-16"),
     (["--topology", "v5p-8", "no_such_key=1"], "no_such_key: unknown key"),
-    (["--topology", "v5p-8", "model=gs://bucket/models/my-model"], "name the architecture with --preset"),
+    (["--topology", "v5p-8", "model.path=gs://bucket/models/my-model"], "name the architecture with --preset"),
     (["--topology", "v5p-8", "arch.layers=2"], "arch.layers=2: expected arch.FIELD=POSITIVE_INTEGER"),
     (["--topology", "v5p-16"], "needs 4 devices, but 8 are available"),
 ])
-def test_user_errors_are_one_line_with_exit_2(capsys, argv, message):
-    code, out, err = run_compile(capsys, "--config", "configs/tpu/v5p-8.yaml", *argv)
+def test_user_errors_are_one_line_with_exit_2(capsys, slice_config, argv, message):
+    code, out, err = run_compile(capsys, "--config", slice_config, *argv)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err
 
 
-def test_without_libtpu_the_error_says_how_to_install_it(capsys, monkeypatch):
+def test_without_libtpu_the_error_says_how_to_install_it(capsys, monkeypatch, slice_config):
     from aloe_jax.aot import topologies
 
     monkeypatch.setattr(topologies, "libtpu_installed", lambda: False)
-    code, _, err = run_compile(capsys, "--config", "configs/tpu/v5p-8.yaml", "--topology", "v5p-8")
+    code, _, err = run_compile(capsys, "--config", slice_config, "--topology", "v5p-8")
     assert code == 2 and "pip install -e .[tpu]" in err and len(err.strip().splitlines()) == 1
 
 

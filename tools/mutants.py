@@ -33,7 +33,11 @@ _SAMPLER = "tests/test_sampler.py"
 _PACKING = "tests/test_packing.py"
 _METRICS = "tests/test_eval_metrics.py"
 _PIPELINE = "tests/test_train_inputs.py"
+_HOOKS = "tests/test_hooks.py"
 _CONVERSATION = "tests/test_conversation.py"
+_CONFIGS = "tests/test_configs.py"
+_LIST_BASE = f"{_CONFIGS}::test_list_base_applies_in_order_then_the_files_own_keys"
+_OVERRIDE_ERRORS = f"{_CONFIGS}::test_an_override_error_names_the_override_and_suggests_the_key"
 _THREE_BANDS = f"{_MODELS}::test_llama31_rope_scaling_in_all_three_bands_matches_transformers"
 _LOGITS_PARITY = f"{_MODELS}::test_logits_match_transformers_with_and_without_padding"
 _EXPORT = f"{_MODELS}::test_export_round_trip_and_transformers_loads_export"
@@ -44,21 +48,34 @@ _CHECKPOINT = f"{_TRAINER}::test_checkpoint_restores_onto_another_mesh_with_data
 
 MUTANTS: list[Mutant] = [
     # --- DPO objective and its step -------------------------------------------------------------------------------
-    Mutant("dpo_pairs_swapped", "aloe_jax/train/step.py",
-           "    chosen, rejected = pair_logprobs(logps, batch, normalise)\n"
-           "    ref_chosen, ref_rejected = pair_logprobs(ref_logps, batch, normalise)",
-           "    rejected, chosen = pair_logprobs(logps, batch, normalise)\n"
-           "    ref_rejected, ref_chosen = pair_logprobs(ref_logps, batch, normalise)",
+    Mutant("dpo_pairs_swapped", "aloe_jax/train/objectives.py",
+           "        chosen, rejected = pair_logprobs(logps, batch, normalise)\n"
+           "        ref_chosen, ref_rejected = pair_logprobs(ref_logps, batch, normalise)",
+           "        rejected, chosen = pair_logprobs(logps, batch, normalise)\n"
+           "        ref_rejected, ref_chosen = pair_logprobs(ref_logps, batch, normalise)",
            (_LOSSES, _TRAINER), "DPO trained backwards: chosen and rejected swapped for policy and reference"),
-    Mutant("ipo_not_length_normalised", "aloe_jax/train/step.py",
+    Mutant("ipo_not_length_normalised", "aloe_jax/train/objectives.py",
            'normalise = dpo.loss_type == "ipo"', "normalise = False",
            (_LOSSES,), "IPO on summed instead of per-token mean log-probs"),
-    Mutant("length_normalised_for_every_loss", "aloe_jax/train/step.py",
+    Mutant("length_normalised_for_every_loss", "aloe_jax/train/objectives.py",
            'normalise = dpo.loss_type == "ipo"', "normalise = True",
            (_LOSSES,), "sigmoid and hinge DPO on per-token means instead of sums"),
     Mutant("grads_not_normalised", "aloe_jax/train/step.py",
-           "return jax.tree.map(lambda g: g / weight, grads), metrics", "return grads, metrics",
+           'return jax.tree.map(lambda g: g / metrics["targets"], grads), metrics', "return grads, metrics",
            (_TRAINER,), "accumulated gradient is the loss sum's, not the batch mean's (the loss metric still is)"),
+    # --- objectives and trainer hooks -----------------------------------------------------------------------------
+    Mutant("dpo_settings_ignored", "aloe_jax/train/objectives.py",
+           "        return cls(cfg.dpo)", "        return cls()",
+           ("tests/test_objectives.py", f"{_HOOKS}::test_held_out_dpo_loss_and_metrics_equal_the_objective_on_the_"
+                                         "first_batches"),
+           "the objective looked up from the config ignores its dpo section (β, loss type, reference)"),
+    Mutant("hook_not_run_after_last_step", "aloe_jax/train/hooks.py",
+           "or (self.at_end and step == total_steps)", "",
+           (_HOOKS,), "hooks run only on their cadence: no held-out loss for the final params"),
+    Mutant("held_out_loss_of_the_reference", "aloe_jax/train/trainer.py",
+           "return self._loss_sums(params, self.ref_params, batch)",
+           "return self._loss_sums(params if self.ref_params is None else self.ref_params, self.ref_params, batch)",
+           (_HOOKS,), "the held-out loss is computed with the frozen reference instead of the params being trained"),
     Mutant("micro_batches_contiguous", "aloe_jax/train/step.py",
            "x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)",
            "x = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])",
@@ -308,4 +325,38 @@ MUTANTS: list[Mutant] = [
     Mutant("mask_span_count_unchecked", "aloe_jax/models/tokenizer.py",
            "if _masked_runs(mask) != replies:", "if _masked_runs(mask) < replies:",
            ("tests/test_tokenizer.py",), "an assistant mask with extra spans is accepted"),
+    # --- config loading: list bases, provenance of each key, suggestions ------------------------------------------
+    Mutant("config_list_base_applied_in_reverse", "aloe_jax/core/config.py",
+           "    for entry in entries:\n", "    for entry in reversed(entries):\n",
+           (_LIST_BASE,), "base: [objective, model, hardware] lets the objective override the hardware"),
+    Mutant("config_own_keys_under_bases", "aloe_jax/core/config.py",
+           "return _merged(data, ConfigData(own, {key_path: label for key_path in _key_paths(own)}))",
+           "return _merged(ConfigData(own, {key_path: label for key_path in _key_paths(own)}), data)",
+           (_LIST_BASE,), "a run file's own keys are overridden by its bases"),
+    Mutant("config_base_cycle_not_detected", "aloe_jax/core/config.py",
+           "if identity in (seen for seen, _ in chain):", "if False:",
+           (f"{_CONFIGS}::test_a_base_cycle_is_one_clear_error",),
+           "files that include each other recurse until Python gives up"),
+    Mutant("override_error_blames_the_file", "aloe_jax/core/config.py",
+           'label = f"override {item!r}"', 'label = ""',
+           (_OVERRIDE_ERRORS,), "a bad key=value override is reported as a problem of the YAML file"),
+    Mutant("override_keeps_stale_origins", "aloe_jax/core/config.py",
+           "    for stale in [p for p in origins if p[:len(path)] == path]:\n        del origins[stale]\n", "",
+           (_OVERRIDE_ERRORS,), "a key an override removed is still blamed on the file that had set it"),
+    Mutant("unknown_key_suggestion_lost", "aloe_jax/core/config.py",
+           "suggestion = _suggest_key(where, config_key_paths(cls))", "suggestion = None",
+           (_OVERRIDE_ERRORS,), "train.lrr: unknown key no longer says train.lr"),
+    Mutant("yaml_error_position_zero_based", "aloe_jax/core/config.py",
+           "line {mark.line + 1}, column {mark.column + 1}", "line {mark.line}, column {mark.column}",
+           (f"{_CONFIGS}::test_yaml_syntax_errors_keep_their_line_and_column",),
+           "YAML errors point one line and one column early"),
+    # --- command lines: flags as aliases of config keys --------------------------------------------------------------
+    Mutant("alias_flag_sets_no_key", "aloe_jax/core/cli_args.py",
+           'return [f"{self.key}={json.dumps(value)}"]', "return []",
+           ("tests/test_commands.py::test_print_config_is_what_the_aliases_mean_and_round_trips",),
+           "--model M and every other alias flag are parsed but set nothing: the run uses the config's value"),
+    Mutant("alias_and_override_of_one_key_silent", "aloe_jax/core/cli_args.py",
+           "if _key(override) in explicit_by_key:", "if False:",
+           ("tests/test_commands.py::test_a_wrong_flag_or_override_is_one_line",),
+           "--model M model.path=N runs one of them silently instead of asking which was meant"),
 ]
