@@ -350,6 +350,10 @@ MUTANTS: list[Mutant] = [
            "line {mark.line + 1}, column {mark.column + 1}", "line {mark.line}, column {mark.column}",
            (f"{_CONFIGS}::test_yaml_syntax_errors_keep_their_line_and_column",),
            "YAML errors point one line and one column early"),
+    Mutant("configs_left_out_of_the_wheel", "pyproject.toml",
+           '"aloe_jax.configs" = ["**/*.yaml"]', '"aloe_jax.configs" = ["*.yaml"]',
+           ("tests/test_wheel.py::test_the_wheel_is_what_runs_and_it_carries_the_configs",),
+           "a pip-installed aloe-jax lacks the run, model and hardware configs"),
     # --- command lines: flags as aliases of config keys --------------------------------------------------------------
     Mutant("alias_flag_sets_no_key", "aloe_jax/core/cli_args.py",
            'return [f"{self.key}={json.dumps(value)}"]', "return []",
