@@ -17,7 +17,7 @@ import numpy as np
 from aloe_jax.llm.base import Conversation, GenerationParams
 from aloe_jax.llm.roles import Role
 
-JudgingMethod = Literal["logprobs", "text"]
+JudgeMethod = Literal["logprobs", "text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Ruling:
     """What the judge said about one chat: the option it chose (None: no usable answer) and what that came from."""
 
     choice: str | None
-    method: JudgingMethod
+    method: JudgeMethod
     option_logprobs: np.ndarray | None = None  # [n_options], logprobs method only
     raw: list[str] = dataclasses.field(default_factory=list)  # every text answer in order, text method only
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from aloe_jax.conversation.judging import OptionJudge
+from aloe_jax.conversation.judging import JudgeMethod, OptionJudge
 from aloe_jax.eval.prompts import JUDGE_RETRY, SCORE_OPTIONS
 from aloe_jax.llm.base import Conversation, GenerationParams
 from aloe_jax.llm.roles import Role
-
-JudgeMethod = Literal["logprobs", "text"]
 
 # The whole answer, once markdown emphasis is stripped: an optional "Score:"/"Rating:" label, one digit 1–5, an
 # optional "/5" and an optional final period. Anything else ("I'd say 4", "3 or 4", "45") is not a score.
@@ -77,13 +75,13 @@ class Judge:
     """Scores batches of judge chats on a Role."""
 
     def __init__(self, role: Role, method: JudgeMethod = "logprobs", max_retries: int = 2, max_tokens: int = 8):
-        self.role, self.method, self.max_retries, self.max_tokens = role, method, max_retries, max_tokens
-        self._judge = OptionJudge(role, SCORE_OPTIONS, _score_option, JUDGE_RETRY, max_retries,
-                                  use_logprobs=method == "logprobs")
+        self.options_judge = OptionJudge(role, SCORE_OPTIONS, _score_option, JUDGE_RETRY, max_retries,
+                                         use_logprobs=method == "logprobs")
+        self.max_tokens = max_tokens
 
     def score(self, chats: Sequence[Conversation]) -> list[Verdict]:
         """One Verdict per chat; chats the option scorer cannot handle fall back to reading text."""
-        rulings = self._judge.rule(chats, GenerationParams(temperature=0.0, max_tokens=self.max_tokens))
+        rulings = self.options_judge.rule(chats, GenerationParams(temperature=0.0, max_tokens=self.max_tokens))
         return [verdict_from_logprobs(r.option_logprobs) if r.method == "logprobs"
                 else Verdict(score=None if r.choice is None else int(r.choice), method="text", raw=r.raw)
                 for r in rulings]
