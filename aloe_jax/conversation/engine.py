@@ -1,4 +1,5 @@
-"""The conversation engine: a batch of conversations advancing in lockstep, turn by turn, into a resumable run folder.
+"""The conversation engine (docs/DESIGN.md §5): a batch of conversations advancing in lockstep, turn by turn, into a
+resumable run folder.
 
 A `Script` says what one turn is — a sequence of role calls for every conversation of the batch at once — and how its
 records are keyed; the engine owns the rest. Tree generation and the ALOE evaluation are two scripts on it.
