@@ -281,6 +281,15 @@ def test_a_single_base_a_nested_base_and_a_packaged_name_still_work(tmp_path):
         load_config(_Run, tmp_path / "bad.yaml")
 
 
+def test_bases_on_gcs_resolve_beside_the_file(gcs_emulator):
+    from aloe_jax.core import storage
+
+    storage.write_text(f"{gcs_emulator}/configs/common/base.yaml", "name: base\ntrain: {steps: 4}\n")
+    storage.write_text(f"{gcs_emulator}/configs/runs/run.yaml", "base: [../common/base.yaml]\ntag: run\n")
+    cfg = load_config(_Run, f"{gcs_emulator}/configs/runs/run.yaml", ["train.lr=0.5"])
+    assert (cfg.name, cfg.tag, cfg.train.steps, cfg.train.lr) == ("base", "run", 4, 0.5)
+
+
 def test_a_base_cycle_is_one_clear_error(tmp_path):
     write(tmp_path, {"a.yaml": "base: [b.yaml]\n", "b.yaml": "base: sub/../c.yaml\n", "c.yaml": "base: [a.yaml]\n",
                      "self.yaml": "base: self.yaml\n", "sub/.keep": ""})

@@ -136,8 +136,7 @@ def _base_file(entry: str, including: str) -> str:
     """The file a `base:` entry of `including` names: a gs:// or absolute path, a path beside it, or a packaged name."""
     if storage.is_gcs(entry) or os.path.isabs(entry):
         return entry
-    beside = _normalized(posixpath.join(os.path.dirname(including), entry) if storage.is_gcs(including)
-                         else os.path.join(os.path.dirname(including), entry))
+    beside = _normalized(posixpath.join(posixpath.dirname(including), entry))
     if storage.exists(beside):
         return beside
     packaged = packaged_config_path(entry)
@@ -155,12 +154,12 @@ def _parse(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist") from None
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        if mark is None:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         raise ConfigError(f"config file {path!r} line {mark.line + 1}, column {mark.column + 1}: not valid YAML, "
                           f"{err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
