@@ -6,11 +6,17 @@ import argparse
 import os
 import sys
 
+import pydantic
+
 from aloe_jax import quickstart
 from aloe_jax.aot import cli as aot_cli
-from aloe_jax.core.errors import AloeError
+from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config, take_leftovers
+from aloe_jax.core.config import StrictModel
+from aloe_jax.core.errors import AloeError, ConfigError
 from aloe_jax.eval import cli as eval_cli
 from aloe_jax.train import cli as train_cli
+from aloe_jax.llm.base import GenerationParams
+from aloe_jax.llm.roles import LocalModel
 from data_pipeline import cli as datagen_cli
 
 EXIT_USER_ERROR = 2
@@ -20,41 +26,86 @@ EXIT_USER_ERROR = 2
 COMMAND_MODULES = (datagen_cli, eval_cli, train_cli, quickstart, aot_cli)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="HF folder (local or gs://) or 'smollm2' (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="compute and parameter dtype (default float32)")
+class ChatModel(LocalModel):
+    """The model `chat` replies with, and how."""
+
+    system_prompt: str | None = None
+    generation: GenerationParams = GenerationParams(temperature=0.0, max_tokens=128)  # greedy
+
+
+class ChatConfig(StrictModel):
+    """`aloe-jax chat`: one reply to one message."""
+
+    message: str | None = None  # the user's message
+    model: ChatModel = ChatModel()
+
+
+class ServeConfig(StrictModel):
+    """`aloe-jax serve`: a model behind an OpenAI-compatible HTTP API."""
+
+    model: LocalModel = LocalModel()
+    host: str = "127.0.0.1"  # loopback only
+    port: int = pydantic.Field(8000, ge=0, le=65535)  # 0: any free port
+    served_name: str | None = None  # model id clients must send; None: model.path
+    max_batch: int = pydantic.Field(64, gt=0)  # most conversations decoded together
+
+
+_MODEL_ALIASES = (
+    Alias("--model", "model.path", "HF folder (local or gs://), trainer run folder or smollm2-135m (embedded)"),
+    Alias("--dtype", "model.dtype", "dtype of the weights and computation", choices=eval_cli.DTYPES),
+)
+CHAT_ALIASES = (
+    Alias("message", "message", "the user's message"),
+    *_MODEL_ALIASES,
+    Alias("--max-tokens", "model.generation.max_tokens", "most tokens in the reply", type=int),
+    Alias("--max-new-tokens", "model.generation.max_tokens", "deprecated spelling of --max-tokens", type=int),
+    Alias("--temperature", "model.generation.temperature", "0 means greedy", type=float),
+    Alias("--seed", "model.generation.seed", "sampling seed", type=int),
+    Alias("--system", "model.system_prompt", "system prompt"),
+)
+SERVE_ALIASES = (
+    *_MODEL_ALIASES,
+    Alias("--host", "host", "address to listen on"),
+    Alias("--port", "port", "port to listen on", type=int),
+    Alias("--served-name", "served_name", "model id clients must send"),
+    Alias("--max-batch", "max_batch", "most conversations decoded together", type=int),
+)
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
+    cfg = load_command_config(ChatConfig, args)
+    if printed_config(cfg, args):
+        return
+    if cfg.message is None:
+        raise ConfigError("chat needs a message: aloe-jax chat 'Hello!' (or message=...)")
     from aloe_jax.models.loader import load_model
     from aloe_jax.sampling.chat import ChatEngine
     from aloe_jax.sampling.sampler import SamplingParams
 
-    if args.max_new_tokens <= 0:
-        raise AloeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    model, tokenizer = load_model(args.model, param_dtype=args.dtype, dtype=args.dtype)
+    model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
     engine = ChatEngine(model, tokenizer)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.message})
-    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    messages = [{"role": "system", "content": cfg.model.system_prompt}] if cfg.model.system_prompt else []
+    messages.append({"role": "user", "content": cfg.message})
+    gen = cfg.model.generation
+    params = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                            max_new_tokens=gen.max_tokens, seed=gen.seed)
     print(engine.reply([messages], params)[0].text)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from aloe_jax.models.loader import DEFAULT_MODEL, load_model
+    cfg = load_command_config(ServeConfig, args)
+    if printed_config(cfg, args):
+        return
+    from aloe_jax.models.loader import load_model
     from aloe_jax.sampling.chat import ChatEngine
     from aloe_jax.serving.server import make_server
 
-    if not 0 <= args.port <= 65535:
-        raise AloeError(f"--port must be in 0..65535, got {args.port}")
-    model, tokenizer = load_model(args.model, param_dtype=args.dtype, dtype=args.dtype)
-    name = args.served_name or (args.model or DEFAULT_MODEL)
+    model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
+    name = cfg.served_name or cfg.model.path
     try:
-        server = make_server(ChatEngine(model, tokenizer), name, args.host, args.port, args.max_batch)
+        server = make_server(ChatEngine(model, tokenizer), name, cfg.host, cfg.port, cfg.max_batch)
     except OSError as err:
-        raise AloeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+        raise AloeError(f"cannot listen on {cfg.host}:{cfg.port}: {err.strerror}") from None
     host, port = server.server_address[:2]
     print(f"serving {name!r} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
     try:
@@ -81,20 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     chat = commands.add_parser("chat", help="reply to one message (greedy by default)")
-    chat.add_argument("message", help="the user's message")
-    add_model_args(chat)
-    chat.add_argument("--max-new-tokens", type=int, default=128)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    chat.add_argument("--seed", type=int, default=0)
-    chat.add_argument("--system", default=None, help="optional system prompt")
+    add_config_args(chat, None, CHAT_ALIASES)
     chat.set_defaults(run=_cmd_chat)
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-name", default=None, help="model id clients must send (default: --model)")
-    serve.add_argument("--max-batch", type=int, default=64, help="most conversations decoded together")
+    add_config_args(serve, None, SERVE_ALIASES)
     serve.set_defaults(run=_cmd_serve)
 
     for module in COMMAND_MODULES:
@@ -107,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv is None:  # a real `aloe-jax` process (callers passing argv, e.g. tests, keep their own JAX settings)
         _enable_compilation_cache()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, leftovers = parser.parse_known_args(argv)
+    unknown = take_leftovers(args, leftovers)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.dispatch = main  # commands that run other commands (quickstart) call back through it
     try:
         code = args.run(args)  # a command may return a non-zero exit code that is not an error (compile: "does not fit")

@@ -16,16 +16,38 @@ import pathlib
 import shlex
 import time
 
+import pydantic
+
+from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config
+from aloe_jax.core.config import StrictModel
 from aloe_jax.core.errors import AloeError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+
+class QuickstartConfig(StrictModel):
+    """The toy sizes of `aloe-jax quickstart`, chosen so the whole run fits minutes on a 2-core CPU."""
+
+    output_dir: str = "runs/quickstart"  # rerun with it to resume
+    aloe_data: str | None = None  # folder with the ALOE persona files; None: download the pinned revision
+    cases: int = pydantic.Field(4, gt=0)  # ALOE cases evaluated per model
+    turns: int = pydantic.Field(3, gt=0)  # per conversation, in the trees and the evaluation
+    conversations: int = pydantic.Field(4, gt=0)  # preference trees generated
+    train_steps: int = pydantic.Field(2, gt=0)  # optimizer steps of SFT and of DPO
+
+
+QUICKSTART_ALIASES = (
+    Alias("--out", "output_dir", "run folder (rerun to resume)"),
+    Alias("--aloe-data", "aloe_data", "folder with the ALOE persona files"),
+    Alias("--cases", "cases", "ALOE cases evaluated per model", type=int),
+    Alias("--turns", "turns", "turns per conversation (trees and evaluation)", type=int),
+    Alias("--conversations", "conversations", "preference trees generated", type=int),
+    Alias("--train-steps", "train_steps", "optimizer steps of SFT and of DPO", type=int),
+)
 
 
 def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns: int, conversations: int,
                     train_steps: int) -> list[tuple[str, list[str]]]:
     """(stage name, argv) in order. Sizes are chosen so the whole run fits minutes on a 2-core CPU."""
-    source = [f"aloe_source={aloe_data}"] if aloe_data else []
+    source = [f"aloe_data={aloe_data}"] if aloe_data else []
     datagen = [
         *source, f"cache={out / 'calls.sqlite'}",
         # Short replies: on a 2-core CPU a turn's cost is mostly prefilling the roles' prompts, which grow with every
@@ -51,7 +73,7 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
     train = [
         # 3-turn trees of 48-token replies pack into ~600 tokens; anything longer would be cut (and reported).
         f"data.path={trees_file}", "data.seq_len=768", "batch_size=2", "micro_batches=1",
-        "compute_dtype=float32", f"max_steps={train_steps}", f"checkpoint.every_steps={train_steps}",
+        "model.dtype=float32", f"max_steps={train_steps}", f"checkpoint.every_steps={train_steps}",
         "optim.lr=5e-5", "optim.warmup_ratio=0.0",
         # 2 rows per step cannot be split over many data-parallel devices: on a multi-device host, shard the toy
         # model's weights over all of them instead (one device: the same 1×1×1 mesh).
@@ -64,9 +86,8 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
         ("personas (profiles)", personas("profile")),
         ("personas (personalities)", personas("personality")),
         ("trees", ["trees", *datagen, *trees]),
-        ("sft", ["sft", f"--config={CONFIGS / 'sft.yaml'}", *train, f"output_dir={out / 'sft'}"]),
-        ("dpo", ["dpo", f"--config={CONFIGS / 'dpo.yaml'}", *train, f"output_dir={out / 'dpo'}",
-                 f"model={out / 'sft'}"]),
+        ("sft", ["sft", "--config=sft", *train, f"--out={out / 'sft'}"]),
+        ("dpo", ["dpo", "--config=dpo", *train, f"--out={out / 'dpo'}", f"--model={out / 'sft'}"]),
         ("eval base", ["eval", "--model=smollm2-135m", f"--out={out / 'eval' / 'base'}", *evaluate]),
         ("eval sft", ["eval", f"--model={out / 'sft'}", f"--out={out / 'eval' / 'sft'}", *evaluate]),
         ("eval dpo", ["eval", f"--model={out / 'dpo'}", f"--out={out / 'eval' / 'dpo'}", *evaluate]),
@@ -96,14 +117,15 @@ def _write_seeds(out: pathlib.Path, aloe_data: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Run every stage in order, each as the `aloe-jax` command a user would type."""
+    cfg = load_command_config(QuickstartConfig, args)
+    if printed_config(cfg, args):
+        return
     # args.dispatch is `aloe-jax`'s own main (set by aloe_jax.cli): each stage runs as the same command a user types.
-    for name in ("cases", "turns", "conversations", "train_steps"):
-        if getattr(args, name) <= 0:
-            raise AloeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    out = pathlib.Path(args.out).resolve()
+    out = pathlib.Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _write_seeds(out, args.aloe_data)
-    stages = _stage_commands(out, args.aloe_data, args.cases, args.turns, args.conversations, args.train_steps)
+    _write_seeds(out, cfg.aloe_data)
+    stages = _stage_commands(out, cfg.aloe_data, cfg.cases, cfg.turns, cfg.conversations, cfg.train_steps)
     (out / "commands.sh").write_text("".join("aloe-jax " + shlex.join(argv) + "\n" for _, argv in stages))
     timings = []
     start = time.monotonic()
@@ -123,12 +145,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def register(commands) -> None:
+    """Add the `quickstart` subcommand."""
     parser = commands.add_parser("quickstart", help="the whole pipeline at toy scale on the embedded SmolLM2")
-    parser.add_argument("--out", default="runs/quickstart", help="run folder (rerun to resume)")
-    parser.add_argument("--aloe-data", default=None,
-                        help="folder with the ALOE persona files (default: download the pinned revision)")
-    parser.add_argument("--cases", type=int, default=4, help="ALOE cases evaluated per model")
-    parser.add_argument("--turns", type=int, default=3, help="turns per conversation (trees and evaluation)")
-    parser.add_argument("--conversations", type=int, default=4, help="preference trees generated")
-    parser.add_argument("--train-steps", type=int, default=2, help="optimizer steps of SFT and of DPO")
+    add_config_args(parser, None, QUICKSTART_ALIASES)
     parser.set_defaults(run=run)

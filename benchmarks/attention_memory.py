@@ -57,7 +57,7 @@ def run_variant(name: str, steps: int, seq: int) -> dict:
     from benchmarks.train import make_data
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
-    cfg = TrainConfig(objective="sft", output_dir="unused", compute_dtype="float32", batch_size=2,
+    cfg = TrainConfig(objective="sft", output_dir="unused", model={"dtype": "float32"}, batch_size=2,
                       data=DataConfig(path="unused", seq_len=seq, max_pairs=32),
                       optim=OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0), **VARIANTS[name])
     model, tokenizer = load_model(None, mesh=mesh, options=runtime_options(cfg))

@@ -66,7 +66,7 @@ def bench_aloe(objective: str, trees, rows: int, steps: int, dtype: str) -> tupl
     model, tokenizer = load_model(None, param_dtype="float32", dtype=dtype, mesh=mesh)
     packed = [pack_tree(tokenizer, t, 1 << 16, rejected_branches=objective == "dpo") for t in trees]
     seq_len = -(-max(len(p) for p in packed) // BUCKET) * BUCKET
-    cfg = TrainConfig(objective=objective, output_dir="unused", compute_dtype=dtype, batch_size=rows,
+    cfg = TrainConfig(objective=objective, output_dir="unused", model={"dtype": dtype}, batch_size=rows,
                       data=DataConfig(path="unused", seq_len=seq_len, max_pairs=TURNS),
                       optim=OptimConfig(lr=LR, schedule="constant", warmup_steps=0), dpo=DPOConfig(beta=BETA))
     trainer = Trainer(cfg, model, mesh, total_steps=steps + 1)

@@ -12,9 +12,9 @@ from aloe_jax.llm.base import GenerationParams
 from aloe_jax.llm.roles import BackendConfig
 from aloe_jax.llm.usage import Price
 
-# The paper's near-duplicate threshold, set for paraphrase-MiniLM-L6-v2. Our encoder is all-MiniLM-L6-v2, under which
-# the released pools themselves are far more similar (see configs/datagen.yaml for the calibrated values).
-PAPER_THRESHOLD = 0.6
+# Near-duplicate thresholds calibrated for our encoder, all-MiniLM-L6-v2 (the paper's 0.6 was set for
+# paraphrase-MiniLM-L6-v2, under which the released pools are far less similar; configs/datagen.yaml shows the numbers).
+CALIBRATED_THRESHOLD = {"profile": 0.83, "personality": 0.93}
 
 ROLE_NAMES = ("persona_generator", "user", "extractor", "hinted", "plain", "judge")
 
@@ -29,11 +29,11 @@ class RoleConfig(StrictModel):
 class RolesConfig(StrictModel):
     """Every role of persona and tree generation."""
 
-    persona_generator: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.9, max_tokens=160))
-    user: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, max_tokens=96))
+    persona_generator: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.9, top_p=0.95, max_tokens=160))
+    user: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, top_p=0.95, max_tokens=96))
     extractor: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.0, max_tokens=128))
-    hinted: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, max_tokens=128))
-    plain: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, max_tokens=128))
+    hinted: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, top_p=0.95, max_tokens=160))
+    plain: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.7, top_p=0.95, max_tokens=160))
     judge: RoleConfig = RoleConfig(generation=GenerationParams(temperature=0.0, max_tokens=8))
 
 
@@ -41,7 +41,7 @@ class PersonasConfig(StrictModel):
     """Growing a profile or personality pool from seed entries by self-generation."""
 
     kind: Literal["profile", "personality"] = "profile"
-    seeds: str | None = None  # JSONL of strings; None: the released ALOE train pool of `kind` (from `aloe_source`)
+    seeds: str | None = None  # JSONL of strings; None: the released ALOE train pool of `kind` (from `aloe_data`)
     output: str = "data/personas/{kind}.jsonl"  # local or gs://; holds the seeds followed by accepted entries
     target_size: int = pydantic.Field(400, gt=0)
     examples_per_prompt: int = pydantic.Field(5, gt=0)
@@ -49,8 +49,7 @@ class PersonasConfig(StrictModel):
     prompts_per_round: int = pydantic.Field(4, gt=0)  # prompts sent as one batch per round
     max_rounds: int = pydantic.Field(100, gt=0)
     min_words: int = pydantic.Field(8, ge=1)  # shorter parsed lines are list debris, not personas
-    threshold: dict[Literal["profile", "personality"], float] = {"profile": PAPER_THRESHOLD,
-                                                                  "personality": PAPER_THRESHOLD}
+    threshold: dict[Literal["profile", "personality"], float] = CALIBRATED_THRESHOLD
 
     @pydantic.field_validator("threshold")
     @classmethod
@@ -64,7 +63,7 @@ class PersonasConfig(StrictModel):
 class TreesConfig(StrictModel):
     """The sampling plan and protocol of tree generation."""
 
-    profiles: str | None = None  # JSONL of strings; None: the released ALOE train profiles (from `aloe_source`)
+    profiles: str | None = None  # JSONL of strings; None: the released ALOE train profiles (from `aloe_data`)
     personalities: str | None = None
     conversations: int = pydantic.Field(3000, gt=0)  # planned (profile, personality) pairs, drawn without repeats
     turns: int = pydantic.Field(10, gt=0)
@@ -84,13 +83,33 @@ class TreesConfig(StrictModel):
         return value
 
 
+class ContaminationConfig(StrictModel):
+    """`aloe-jax contamination`: which pools to compare (None: the released ALOE ones) and where the report goes."""
+
+    train_profile: str | None = None  # JSONL of strings
+    eval_profile: str | None = None
+    train_personality: str | None = None
+    eval_personality: str | None = None
+    output: str | None = None  # per-persona report JSONL (local or gs://); None: only the summary tables
+
+
 class DatagenConfig(StrictModel):
-    """Everything `aloe-jax personas` and `aloe-jax trees` read."""
+    """Everything `aloe-jax personas`, `trees` and `contamination` read."""
 
     seed: int = 0
-    aloe_source: str | None = None  # folder (local/gs://) or URL of the ALOE pool files; None: pinned GitHub revision
+    aloe_data: str | None = None  # folder (local/gs://) or URL of the ALOE pool files; None: pinned GitHub revision
     cache: str = "data/personas/calls.sqlite"  # call cache of persona generation (trees keep theirs in state_dir)
     roles: RolesConfig = RolesConfig()
     personas: PersonasConfig = PersonasConfig()
     trees: TreesConfig = TreesConfig()
+    contamination: ContaminationConfig = ContaminationConfig()
     prices: dict[str, Price] = {}  # backend name (e.g. "openai:gpt-4o-mini@api.openai.com") → $ per million tokens
+
+
+class ExportTreesConfig(StrictModel):
+    """`aloe-jax export-trees`: tree JSONL files to Parquet (HF datasets) and/or TFDS ArrayRecord."""
+
+    train: list[str] = []  # tree JSONL files (local or gs://) of the train split
+    eval: list[str] = []  # of the eval split
+    output_dir: str | None = None  # local or gs://; format both writes <output_dir>/parquet and <output_dir>/tfds
+    format: Literal["parquet", "tfds", "both"] = "both"

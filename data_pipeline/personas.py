@@ -79,7 +79,7 @@ def grow_pool(cfg: DatagenConfig, generator: Role, encoder: Encoder, seeds: Sequ
         jsonl_log.append(local, pool)
     if not pool:
         if seeds is None:
-            seeds = read_pool_file(pc.seeds) if pc.seeds else load_pool(pc.kind, "train", cfg.aloe_source)
+            seeds = read_pool_file(pc.seeds) if pc.seeds else load_pool(pc.kind, "train", cfg.aloe_data)
         if not seeds:
             raise DataError("the seed pool is empty: give at least one example persona")
         pool = list(seeds)

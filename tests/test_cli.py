@@ -46,7 +46,7 @@ def test_truncated_safetensors(tiny_model_dirs, tmp_path):
 
 
 def test_bad_flag_value():
-    _assert_one_line_error(run_cli("chat", "hi", "--max-new-tokens", "0"), "--max-new-tokens must be positive")
+    _assert_one_line_error(run_cli("chat", "hi", "--max-tokens", "0"), "model.generation.max_tokens: Input should be greater than 0")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_chat_equals_transformers_greedy_generate(smollm2_export):
             out = hf_model.generate(ids, max_new_tokens=24, do_sample=False)
         expected.append(hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     # The command line, end to end, on the first prompt (a subprocess loads the model again: do it once) ...
-    result = run_cli("chat", PROMPTS[0], "--max-new-tokens", "24")
+    result = run_cli("chat", PROMPTS[0], "--max-tokens", "24")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected[0]
     # ... and the engine behind it on every prompt, as one batch.

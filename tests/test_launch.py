@@ -232,9 +232,9 @@ def test_two_worker_run_trains_with_jax_distributed_and_writes_one_checkpoint(fa
     # 2 CPU devices per process: a 4-device mesh (data=4) over two processes, one packed tree per device.
     tpu(fake, "run", *where, "--run-id", "sft1", "--log-dir", str(tmp_path / "logs"),
         "--env", "JAX_PLATFORMS=cpu", "--env", "XLA_FLAGS=--xla_force_host_platform_device_count=2", "--",
-        "aloe-jax", "sft", "--config", "configs/sft.yaml", f"model={tmp_path / 'model'}", f"output_dir={out}",
+        "aloe-jax", "sft", "--config", "configs/sft.yaml", f"model.path={tmp_path / 'model'}", f"output_dir={out}",
         f"data.path={trees}", "data.seq_len=256", "data.max_pairs=3", "batch_size=4", "max_steps=2",
-        "compute_dtype=float32", "log.progress_bar=false", timeout=600)
+        "model.dtype=float32", "log.progress_bar=false", timeout=600)
 
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["2"]
     step_dir = out / "checkpoints" / "2"

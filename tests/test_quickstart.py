@@ -18,7 +18,7 @@ STAGES = ["personas (profiles)", "personas (personalities)", "trees", "sft", "dp
 @pytest.mark.parametrize("flag", ["--cases=0", "--turns=-1", "--conversations=0", "--train-steps=0"])
 def test_non_positive_sizes_are_one_line_errors(tmp_path, flag):
     result = run_cli("quickstart", f"--out={tmp_path / 'qs'}", f"--aloe-data={ALOE_DATA}", flag)
-    _assert_one_line_error(result, "must be positive")
+    _assert_one_line_error(result, "Input should be greater than 0")
     assert not (tmp_path / "qs" / "personas").exists(), "nothing should run after a bad flag"
 
 

@@ -40,7 +40,7 @@ def make_trees_file(path: pathlib.Path, n: int) -> str:
 
 
 def write_config(path: pathlib.Path, model: str, data: str, output_dir: str, **extra) -> str:
-    cfg = {"objective": "sft", "model": model, "output_dir": output_dir, "compute_dtype": "float32",
+    cfg = {"objective": "sft", "model": {"path": model, "dtype": "float32"}, "output_dir": output_dir,
            "mesh": {"data": 2, "fsdp": 1, "tensor": -1}, "batch_size": 2, "seed": 0,
            "data": {"path": data, "seq_len": 256, "max_pairs": 2, "seed": 0},
            "optim": {"lr": 3e-3, "warmup_steps": 1}, "checkpoint": {"every_steps": 2, "max_to_keep": 2},

@@ -6,26 +6,29 @@ from __future__ import annotations
 import argparse
 
 from aloe_jax.aot.topologies import INSTALL_HINT, known_names
+from aloe_jax.core.cli_args import Alias, add_config_args, command_overrides, printed_config
 from aloe_jax.core.errors import ConfigError
 from aloe_jax.models.presets import HF_PRESETS
 
 EXIT_DOES_NOT_FIT = 1
 ARCH_PREFIX = "arch."  # overrides of the architecture's sizes rather than of the config
 _EVAL_KEYS = ("cases", "turns", "simulator", "judge")
+COMPILE_ALIASES = (Alias("--model", "model.path", "model whose architecture is compiled (its weights are not read)"),)
 
 
-def load_run_config(path: str, overrides: list[str]):
-    """The TrainConfig or EvalConfig in a YAML file (with `base:` and key=value overrides), told apart by its keys."""
+def load_run_config(config: str, overrides: list[str]):
+    """The TrainConfig or EvalConfig in a YAML file or packaged config (with `base:` and key=value overrides), told
+    apart by its keys."""
     from aloe_jax.core.config import apply_overrides, build_config, read_yaml
     from aloe_jax.eval.config import EvalConfig
     from aloe_jax.train.config import TrainConfig
 
-    data = apply_overrides(read_yaml(path), overrides)
+    data = apply_overrides(read_yaml(config), overrides)
     if "objective" in data or "data" in data:
-        return build_config(TrainConfig, data, source=repr(path))
+        return build_config(TrainConfig, data, source=repr(config))
     if any(key in data for key in _EVAL_KEYS):
-        return build_config(EvalConfig, data, source=repr(path))
-    raise ConfigError(f"config {path!r} is neither a train config (objective, data, ...: configs/sft.yaml) nor an "
+        return build_config(EvalConfig, data, source=repr(config))
+    raise ConfigError(f"config {config!r} is neither a train config (objective, data, ...: configs/sft.yaml) nor an "
                       f"eval config ({', '.join(_EVAL_KEYS)}, ...: configs/eval.yaml)")
 
 
@@ -40,20 +43,25 @@ def _compile_only_on_tpu() -> None:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from aloe_jax.train.config import TrainConfig
+
+    overrides = command_overrides(args)
+    sizes = [o[len(ARCH_PREFIX):] for o in overrides if o.startswith(ARCH_PREFIX)]
+    cfg = load_run_config(args.config, [o for o in overrides if not o.startswith(ARCH_PREFIX)])
+    if printed_config(cfg, args):
+        return 0
+    if args.topology is None:
+        raise ConfigError("compile needs the TPU slice to compile for: --topology NAME, e.g. --topology v5p-8")
     _compile_only_on_tpu()
     import jax
 
     from aloe_jax.aot import analysis, programs, topologies
-    from aloe_jax.train.config import TrainConfig
 
     slice_ = topologies.get_slice(args.topology)
-    sizes = [o[len(ARCH_PREFIX):] for o in args.overrides if o.startswith(ARCH_PREFIX)]
-    cfg = load_run_config(args.config, [o for o in args.overrides if not o.startswith(ARCH_PREFIX)])
     devices = topologies.slice_devices(slice_)
-    if isinstance(cfg, TrainConfig):
-        spec, dtypes = cfg.model, dict(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
-    else:
-        spec, dtypes = cfg.model.model, dict(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
+    dtype = cfg.model.dtype
+    param_dtype = cfg.model.param_dtype if isinstance(cfg, TrainConfig) else dtype
+    spec, dtypes = cfg.model.path, dict(param_dtype=param_dtype, dtype=dtype)
     model_cfg, source = programs.resolve_architecture(spec, dtypes, args.preset, args.config, sizes)
     described = f"{model_cfg.architecture} ({model_cfg.num_params():.3g} parameters) from {source}"
     build = programs.train_program if isinstance(cfg, TrainConfig) else programs.generate_program
@@ -82,17 +90,15 @@ def register(commands) -> None:
                     "roofline ceiling on tokens/s and MFU. Exit 0 when all fit, 1 when one does not.",
         epilog=f"topologies (v4-N and v5p-N have N/2 chips, v5e-N and v6e-N N chips): {known_names()}. "
                f"Needs libtpu: {INSTALL_HINT}.")
-    parser.add_argument("--config", required=True,
-                        help="train or eval YAML, e.g. configs/runs/llama3-8b-sft-v5p-8.yaml, configs/eval.yaml")
-    parser.add_argument("--topology", required=True, metavar="NAME",
+    # The flags below are how to compile, not what: they set no key of the train or eval config.
+    parser.add_argument("--topology", default=None, metavar="NAME",
                         help="TPU slice, e.g. v5p-8, v5p-64, v5e-16, v6e-8 (all below)")
     parser.add_argument("--preset", default=None, choices=sorted(HF_PRESETS),
                         help="architecture to use instead of the config's model (a gs:// model, which is not read, is "
                              "matched to a preset by its name when this is not given)")
     parser.add_argument("--json", action="store_true", help="one JSON object per program per line")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. data.seq_len=4096 micro_batches=2 remat=dots; arch.FIELD=N "
-                             "resizes the architecture (a size field of ModelConfig) to try a smaller variant, "
-                             "e.g. arch.num_layers=2")
+    # A train or eval config, e.g. runs/llama3-8b-sft-v5p-8 or eval; overrides may also be arch.FIELD=N, which
+    # resizes the architecture (a size field of ModelConfig) to try a smaller variant, e.g. arch.num_layers=2.
+    add_config_args(parser, "sft", COMPILE_ALIASES)
     parser.set_defaults(run=_cmd_compile)
 

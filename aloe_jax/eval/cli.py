@@ -1,13 +1,16 @@
-"""`aloe-jax eval` (run or resume the ALOE benchmark on a model) and `aloe-jax eval-compare` (runs side by side)."""
+"""`aloe-jax eval` (run or resume the ALOE benchmark on a model), `eval-report` (a run's report) and `eval-compare`
+(runs side by side)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 
+from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config
 from aloe_jax.core.errors import ConfigError
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "eval.yaml"
+DTYPES = ("float32", "bfloat16")
 
 
 def role_overrides(role: str, spec: str) -> list[str]:
@@ -22,27 +25,38 @@ def role_overrides(role: str, spec: str) -> list[str]:
         model, _, base_url = spec[len("openai:"):].partition("@")
         if not model:
             raise ConfigError(f"--{role} {spec!r}: name the served model, e.g. openai:gpt-4o-mini")
-        return [f"{role}.backend.kind=openai", f"{role}.backend.model={model}",
-                f"{role}.backend.base_url={base_url or 'null'}"]
-    return [f"{role}.backend.kind=jax", f"{role}.backend.model={spec}"]
+        return [f"{role}.backend.kind=openai", f"{role}.backend.model={json.dumps(model)}",
+                f"{role}.backend.base_url={json.dumps(base_url or None)}"]
+    return [f"{role}.backend.kind=jax", f"{role}.backend.model={json.dumps(spec)}"]
+
+
+EVAL_ALIASES = (
+    Alias("--model", "model.path", "model under test: trainer run folder, HF folder (local or gs://) or smollm2-135m"),
+    Alias("--dtype", "model.dtype", "dtype of the model under test", choices=DTYPES),
+    Alias("--out", "output_dir", "local run folder (records, report, plot); rerun to resume"),
+    Alias("--simulator", "simulator.backend", "user simulator: model path/preset or openai:MODEL[@URL]",
+          expand=lambda spec: role_overrides("simulator", spec)),
+    Alias("--judge", "judge.backend", "judge: model path/preset or openai:MODEL[@URL]",
+          expand=lambda spec: role_overrides("judge", spec)),
+    Alias("--cases", "cases", "first N of the 100 ALOE cases", type=int),
+    Alias("--turns", "turns", "turns per conversation", type=int),
+    Alias("--seed", "seed", "seed of the simulator, the judge's option order and the bootstrap", type=int),
+    Alias("--aloe-data", "aloe_data", "folder (local or gs://) with the ALOE eval pools"),
+    Alias("--quiet", "progress_bar", "no progress bar", const=False),
+)
+_BOOTSTRAP = Alias("--bootstrap", "bootstrap_resamples", "bootstrap resamples of the confidence intervals", type=int)
+_SEED = Alias("--seed", "seed", "seed of the bootstrap", type=int)
+REPORT_ALIASES = (Alias("run", "output_dir", "run folder written by `aloe-jax eval`"), _BOOTSTRAP, _SEED)
+COMPARE_ALIASES = (Alias("runs", "runs", "run folders written by `aloe-jax eval` (the first is the baseline)",
+                         nargs="*"),
+                   Alias("--out", "output_dir", "folder for compare.md and al_curve.png"), _BOOTSTRAP, _SEED)
 
 
 def load_eval_config(args: argparse.Namespace):
-    """The EvalConfig from --config, the shortcut flags and trailing key=value overrides (those win)."""
-    from aloe_jax.core.config import load_config
+    """The EvalConfig of an `eval` or `eval-report` command line."""
     from aloe_jax.eval.config import EvalConfig
 
-    overrides = []
-    if args.model:
-        overrides.append(f"model.model={args.model}")
-    for role in ("simulator", "judge"):
-        if getattr(args, role):
-            overrides += role_overrides(role, getattr(args, role))
-    for flag, key in (("cases", "cases"), ("turns", "turns"), ("seed", "seed"), ("aloe_data", "aloe_data")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    config = args.config if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    return load_config(EvalConfig, config, overrides + list(args.overrides))
+    return load_command_config(EvalConfig, args)
 
 
 def _print_summary(summary, folder: str, finished: bool) -> None:
@@ -57,66 +71,63 @@ def _print_summary(summary, folder: str, finished: bool) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    cfg = load_eval_config(args)
+    if printed_config(cfg, args):
+        return
     from aloe_jax.eval.report import write_report
     from aloe_jax.eval.runner import build_runner, total_seconds
     from aloe_jax.llm.usage import UsageMeter
 
-    cfg = load_eval_config(args)
     meter = UsageMeter()
-    runner = build_runner(cfg, args.out, meter)
-    stats = runner.run(show_progress=not args.quiet)
+    runner = build_runner(cfg, cfg.output_dir, meter)
+    stats = runner.run(show_progress=cfg.progress_bar)
     timing = stats.table()
-    total, per_role = total_seconds(args.out)
+    total, per_role = total_seconds(cfg.output_dir)
     timing += (f"\nall invocations: {total:.0f} s on committed turns ("
                + ", ".join(f"{role} {s:.0f} s" for role, s in per_role.items()) + ")")
-    summary = write_report(args.out, cfg.bootstrap_resamples, cfg.seed,
+    summary = write_report(cfg.output_dir, cfg.bootstrap_resamples, cfg.seed,
                            extra={"Timing (this invocation)": timing, "Usage (this invocation)": meter.table()})
     print(timing)
-    _print_summary(summary, args.out, finished=True)
+    _print_summary(summary, cfg.output_dir, finished=True)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    cfg = load_eval_config(args)
+    if printed_config(cfg, args):
+        return
     from aloe_jax.eval.report import write_report
 
-    _print_summary(write_report(args.folder, args.bootstrap, args.seed), args.folder, finished=False)
+    summary = write_report(cfg.output_dir, cfg.bootstrap_resamples, cfg.seed)
+    _print_summary(summary, cfg.output_dir, finished=False)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    from aloe_jax.eval.config import CompareConfig
+
+    cfg = load_command_config(CompareConfig, args)
+    if printed_config(cfg, args):
+        return
     from aloe_jax.eval.report import compare
 
-    print(compare(args.runs, args.out, args.bootstrap, args.seed))
+    if not cfg.runs:
+        raise ConfigError("eval-compare needs the run folders to compare: eval-compare RUN [RUN ...] --out DIR")
+    print(compare(cfg.runs, cfg.output_dir, cfg.bootstrap_resamples, cfg.seed))
 
 
 def register(commands) -> None:
-    """Add `eval` and `eval-compare` to the aloe-jax sub-parsers."""
+    """Add `eval`, `eval-report` and `eval-compare` to the aloe-jax sub-parsers."""
     run = commands.add_parser("eval", help="evaluate a model on ALOE (resumable)",
                               description="Run (or resume) the ALOE benchmark: simulated users chat with the model "
                                           "for several turns; a judge scores every reply.")
-    run.add_argument("--model", default=None,
-                     help="model under test: trainer checkpoint dir, HF folder (local or gs://) or 'smollm2'")
-    run.add_argument("--out", required=True, help="local run folder (records, report, plot); rerun to resume")
-    run.add_argument("--config", default=None, help=f"eval YAML (default: {DEFAULT_CONFIG.name} of the repo)")
-    run.add_argument("--simulator", default=None, help="user simulator: model path/preset or openai:MODEL[@URL]")
-    run.add_argument("--judge", default=None, help="judge: model path/preset or openai:MODEL[@URL]")
-    run.add_argument("--cases", type=int, default=None, help="first N of the 100 ALOE cases (default all)")
-    run.add_argument("--turns", type=int, default=None, help="turns per conversation (default 10)")
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--aloe-data", default=None, help="folder with the ALOE eval pools (default: pinned download)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. judge.history_turns=0")
+    add_config_args(run, "eval", EVAL_ALIASES)
     run.set_defaults(run=_cmd_eval)
 
     rep = commands.add_parser("eval-report", help="rewrite an ALOE run's report and plot (also while it runs)",
                               description="Write report.md, al_curve.png and summary.json of a run folder from its "
                                           "committed records: look at a long run before it ends, or at a copied one.")
-    rep.add_argument("folder", metavar="RUN", help="run folder written by `aloe-jax eval`")
-    rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    rep.add_argument("--seed", type=int, default=0)
+    add_config_args(rep, "eval", REPORT_ALIASES)
     rep.set_defaults(run=_cmd_report)
 
     cmp = commands.add_parser("eval-compare", help="compare ALOE runs: paired differences and one plot")
-    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `aloe-jax eval` (first = baseline)")
-    cmp.add_argument("--out", required=True, help="folder for compare.md and al_curve.png")
-    cmp.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    cmp.add_argument("--seed", type=int, default=0)
+    add_config_args(cmp, None, COMPARE_ALIASES)
     cmp.set_defaults(run=_cmd_compare)

@@ -9,14 +9,12 @@ import pydantic
 from aloe_jax.core.config import StrictModel
 from aloe_jax.eval.cases import ALOE_CASES
 from aloe_jax.llm.base import GenerationParams
-from aloe_jax.llm.roles import BackendConfig
+from aloe_jax.llm.roles import BackendConfig, LocalModel
 
 
-class ModelUnderTest(StrictModel):
+class ModelUnderTest(LocalModel):
     """The model being evaluated: decoded in process by our sampler, all cases of a turn in one batch."""
 
-    model: str = "smollm2-135m"  # Orbax checkpoint dir, HF folder (local or gs://) or the embedded preset
-    dtype: Literal["float32", "bfloat16"] = "float32"
     system_prompt: str | None = None  # None: the conversation alone, as the benchmark specifies
     generation: GenerationParams = GenerationParams(temperature=0.0, max_tokens=96)
     use_mesh: bool = True  # spread the batch over all devices when there is more than one
@@ -48,8 +46,9 @@ class JudgeConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """One ALOE evaluation: which cases, how many turns, and the three roles."""
+    """One ALOE evaluation: which cases, how many turns, the three roles, and the run folder."""
 
+    output_dir: str = "runs/eval"  # local run folder: records, report, plot; rerunning with it resumes
     aloe_data: str | None = None  # folder (local or gs://) with the released eval pools; None: the pinned repository
     cases: int = pydantic.Field(ALOE_CASES, ge=1, le=ALOE_CASES)
     turns: int = pydantic.Field(10, ge=1)
@@ -58,4 +57,14 @@ class EvalConfig(StrictModel):
     simulator: SimulatorConfig = SimulatorConfig()
     judge: JudgeConfig = JudgeConfig()
     bootstrap_resamples: int = pydantic.Field(2000, ge=0)
-    cache_calls: bool = True  # keep simulator/judge calls in <out>/calls.sqlite so a rerun costs nothing
+    cache_calls: bool = True  # keep simulator/judge calls in <output_dir>/calls.sqlite so a rerun costs nothing
+    progress_bar: bool = True
+
+
+class CompareConfig(StrictModel):
+    """`aloe-jax eval-compare`: paired differences between finished runs, the first one the baseline."""
+
+    runs: list[str] = []  # run folders written by `aloe-jax eval`
+    output_dir: str = "runs/compare"  # compare.md and al_curve.png
+    bootstrap_resamples: int = pydantic.Field(2000, ge=0)
+    seed: int = pydantic.Field(0, ge=0)

@@ -15,6 +15,16 @@ from aloe_jax.llm.cache import CallCache, cache_key
 from aloe_jax.llm.usage import UsageMeter
 
 
+DType = Literal["float32", "bfloat16"]
+
+
+class LocalModel(StrictModel):
+    """A model run in this process by our sampler: where it is and the dtype its weights and computation use."""
+
+    path: str = "smollm2-135m"  # HF folder (local or gs://), trainer run folder, or the embedded smollm2-135m
+    dtype: DType = "float32"
+
+
 class BackendConfig(StrictModel):
     """Which backend runs a role: `jax` (in-process model: `model` is a path or preset) or `openai` (any
     OpenAI-compatible endpoint: `model` is the served model name)."""
@@ -26,7 +36,7 @@ class BackendConfig(StrictModel):
     max_concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 5
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: DType = "float32"  # jax only
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,39 +5,60 @@ from __future__ import annotations
 
 import argparse
 
-from aloe_jax.core.errors import ConfigError
+from aloe_jax.core.cli_args import Alias, add_config_args, command_overrides, load_command_config, printed_config
+from aloe_jax.core.errors import ConfigError, ModelLoadError
+
+DTYPES = ("float32", "bfloat16")
+TRAIN_ALIASES = (
+    Alias("--model", "model.path", "starting model: HF folder (local or gs://), trainer run folder or smollm2-135m"),
+    Alias("--dtype", "model.dtype", "dtype of activations and matmuls (master weights: model.param_dtype)",
+          choices=DTYPES),
+    Alias("--out", "output_dir", "run folder (local or gs://); rerunning with it resumes"),
+)
+EXPORT_ALIASES = (
+    Alias("checkpoint", "model.path", "run folder, its checkpoints folder, or checkpoints/<step> (local or gs://)"),
+    Alias("out", "output_dir", "output HF folder (local or gs://)"),
+    Alias("--dtype", "model.dtype", "dtype of the exported weights", choices=DTYPES),
+)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from aloe_jax.core.config import apply_overrides, build_config, read_yaml
     from aloe_jax.train.config import TrainConfig
+
+    cfg = load_command_config(TrainConfig, args)
+    # A config (or override) that names the other objective is a mistake; one that names none runs this command's.
+    if "objective" in cfg.model_fields_set and cfg.objective != args.command:
+        if any(o.startswith("objective=") for o in command_overrides(args)):
+            raise ConfigError(f"objective={cfg.objective} contradicts the command; run `aloe-jax {cfg.objective}`")
+        raise ConfigError(f"config {args.config!r} is a {cfg.objective} config; run `aloe-jax {cfg.objective}` with it")
+    cfg.objective = args.command
+    if printed_config(cfg, args):
+        return
     from aloe_jax.train.trainer import run
 
-    data = read_yaml(args.config)
-    declared = data.get("objective", args.command)
-    if declared != args.command:
-        raise ConfigError(f"config {args.config!r} is a {declared} config; run `aloe-jax {declared}` with it")
-    data = apply_overrides(data, args.overrides)
-    if data.get("objective", args.command) != args.command:
-        raise ConfigError(f"objective={data['objective']} contradicts the command; run `aloe-jax {data['objective']}`")
-    data["objective"] = args.command
-    run(build_config(TrainConfig, data, source=repr(args.config)))
+    run(cfg)
 
 
 def _export(args: argparse.Namespace) -> None:
-    from aloe_jax.core.errors import ModelLoadError
-    from aloe_jax.models.loader import load_model
-    from aloe_jax.models.weights import export_hf
-    from aloe_jax.models.run_folder import resolve_checkpoint
+    from aloe_jax.train.config import ExportConfig
 
-    if resolve_checkpoint(args.checkpoint) is None:
+    cfg = load_command_config(ExportConfig, args)
+    if printed_config(cfg, args):
+        return
+    from aloe_jax.models.loader import load_model
+    from aloe_jax.models.run_folder import resolve_checkpoint
+    from aloe_jax.models.weights import export_hf
+
+    if not cfg.model.path or cfg.output_dir is None:
+        raise ConfigError("export needs a trainer run folder and an output folder: export RUN OUT")
+    if resolve_checkpoint(cfg.model.path) is None:
         raise ModelLoadError(
-            f"{args.checkpoint!r} is not a trainer run folder (no aloe_run.json): pass the run's output_dir, its "
+            f"{cfg.model.path!r} is not a trainer run folder (no aloe_run.json): pass the run's output_dir, its "
             "checkpoints folder or one checkpoints/<step> folder"
         )
-    model, tokenizer = load_model(args.checkpoint, param_dtype=args.dtype, dtype=args.dtype)
-    export_hf(model, tokenizer, args.out)
-    print(f"exported {args.checkpoint} to {args.out}", flush=True)
+    model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
+    export_hf(model, tokenizer, cfg.output_dir)
+    print(f"exported {cfg.model.path} to {cfg.output_dir}", flush=True)
 
 
 def register(commands) -> None:
@@ -45,13 +66,8 @@ def register(commands) -> None:
     for name, what in (("sft", "supervised fine-tuning on preferred replies"),
                        ("dpo", "direct preference optimisation on preferred/rejected pairs")):
         parser = commands.add_parser(name, help=f"{what} (tree-packed, sharded, resumable)")
-        parser.add_argument("--config", required=True, help=f"YAML config (local or gs://), e.g. configs/{name}.yaml")
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                            help="config overrides, e.g. optim.lr=2e-5 mesh.fsdp=4 output_dir=gs://bucket/run")
+        add_config_args(parser, name, TRAIN_ALIASES)
         parser.set_defaults(run=_train)
     export = commands.add_parser("export", help="write a trainer checkpoint's params as an HF model folder")
-    export.add_argument("checkpoint", help="run folder, its checkpoints folder, or checkpoints/<step> (local or gs://)")
-    export.add_argument("out", help="output HF folder (local or gs://)")
-    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="dtype of the exported weights (default float32)")
+    add_config_args(export, None, EXPORT_ALIASES)
     export.set_defaults(run=_export)

@@ -1,4 +1,4 @@
-"""Typed config of an SFT or DPO run (configs/sft.yaml, configs/dpo.yaml + key=value overrides)."""
+"""Typed configs of an SFT or DPO run (configs/sft.yaml, configs/dpo.yaml + key=value overrides) and of `export`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,26 @@ from typing import Literal
 import pydantic
 
 from aloe_jax.core.config import StrictModel
-from aloe_jax.train.inputs.pipeline import DataConfig
+from aloe_jax.llm.roles import DType, LocalModel
 from aloe_jax.models.sharding import MeshConfig
+from aloe_jax.train.inputs.pipeline import DataConfig
 
 ObjectiveName = Literal["sft", "dpo"]  # the keys of aloe_jax.train.objectives.OBJECTIVES
-DType = Literal["float32", "bfloat16"]
+
+
+class TrainedModel(LocalModel):
+    """The starting model of a run: `dtype` is what activations and matmuls use, `param_dtype` what the master
+    weights and optimizer state are kept in."""
+
+    dtype: DType = "bfloat16"
+    param_dtype: DType = "float32"
+
+
+class ExportConfig(StrictModel):
+    """`aloe-jax export`: a trainer checkpoint's weights, in `model.dtype`, as an HF model folder."""
+
+    model: LocalModel = LocalModel(path="")  # run folder, its checkpoints folder, or checkpoints/<step>
+    output_dir: str | None = None  # the HF folder (local or gs://)
 
 
 class OptimConfig(StrictModel):
@@ -35,13 +50,13 @@ class DPOConfig(StrictModel):
     beta: float = pydantic.Field(0.9, gt=0)  # ALOE's β
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = pydantic.Field(0.0, ge=0, lt=0.5)  # sigmoid only (conservative DPO)
-    reference: str | None = None  # model spec of the reference; None = the starting policy (`model`)
+    reference: str | None = None  # model spec of the reference; None = the starting policy (`model.path`)
 
 
 class CheckpointConfig(StrictModel):
     """Orbax checkpoints under `<output_dir>/checkpoints`."""
 
-    every_steps: int = pydantic.Field(100, gt=0)
+    every_steps: int = pydantic.Field(50, gt=0)
     max_to_keep: int | None = pydantic.Field(3, gt=0)  # None keeps every checkpoint
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
 
@@ -67,10 +82,8 @@ class TrainConfig(StrictModel):
     """One SFT or DPO run."""
 
     objective: ObjectiveName = "sft"
-    model: str | None = None  # HF folder (local or gs://), a trainer checkpoint, or None for the embedded SmolLM2
-    output_dir: str  # local or gs://: checkpoints, the model's config + tokenizer, logs
-    param_dtype: DType = "float32"  # master weights and optimizer state
-    compute_dtype: DType = "bfloat16"  # activations and matmuls
+    model: TrainedModel = TrainedModel()
+    output_dir: str = "runs/sft-smollm2"  # local or gs://: checkpoints, the model's config + tokenizer, logs
     # How the model runs (aloe_jax.models.decoder.RuntimeOptions explains each): recompute block activations in the
     # backward pass (true = "full"), scan the layers, blockwise attention, label log-probs in sequence chunks.
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # true / false in YAML mean full / none
@@ -79,11 +92,13 @@ class TrainConfig(StrictModel):
     attention_block: int = pydantic.Field(512, gt=0)
     logits_chunk: int = pydantic.Field(0, ge=0)  # 0 = all positions at once
     mesh: MeshConfig = MeshConfig()
-    batch_size: int = pydantic.Field(48, gt=0)  # global rows (packed conversation trees) per optimizer step
+    # Global rows (packed conversation trees, up to 10 turns each) per optimizer step: 8 trees ≈ 80 replies, the
+    # closest multiple of a typical mesh to the paper's 48 examples.
+    batch_size: int = pydantic.Field(8, gt=0)
     micro_batches: int = pydantic.Field(1, gt=0)  # gradient accumulation: batch_size / micro_batches rows per pass
     max_steps: int | None = pydantic.Field(None, gt=0)  # None: as many steps as data.num_epochs give
     seed: int = 0
-    data: DataConfig
+    data: DataConfig = DataConfig(path="data/trees/trees.jsonl", seq_len=4096)  # what `aloe-jax trees` writes
     optim: OptimConfig = OptimConfig()
     dpo: DPOConfig = DPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
