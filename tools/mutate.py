@@ -31,9 +31,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from mutants import MUTANTS, Mutant  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Not copied: the environment, history, run outputs and caches (tests import the package from the copy).
-_IGNORED = shutil.ignore_patterns(".venv", ".git", "runs", "out", "build", "dist", "__pycache__", ".pytest_cache",
-                                  "*.egg-info", ".whl", ".gl")
+# Not copied: the environment, history, run outputs and caches (tests import the package from the copy). Run outputs
+# (runs/, out/, build/, dist/) are skipped at the top only: configs/runs/ holds configs the tests read.
+_TOP_LEVEL_OUTPUTS = {".venv", ".git", "runs", "out", "build", "dist"}
+_CACHES = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info", ".whl", ".gl")
+
+
+def _ignored(folder: str, names: list[str]) -> set[str]:
+    top = {n for n in names if n in _TOP_LEVEL_OUTPUTS} if pathlib.Path(folder) == REPO else set()
+    return top | set(_CACHES(folder, names))
 # pytest exit codes: 1 tests failed, 2 interrupted (-x stops on the first failure and reports 1), 3 internal error,
 # 4 usage error (such as a node id that does not exist), 5 no tests collected.
 _STALE_TEST_CODES = (4, 5)
@@ -68,7 +74,7 @@ def _scratch_copy(parent: pathlib.Path) -> pathlib.Path:
     """A copy of the working tree at `parent/<repo name>`, with the repository's sibling `shared/` linked beside it
     (tests/conftest.py finds shared data there)."""
     copy = parent / REPO.name
-    shutil.copytree(REPO, copy, ignore=_IGNORED, symlinks=True)
+    shutil.copytree(REPO, copy, ignore=_ignored, symlinks=True)
     shared = REPO.parent / "shared"
     if shared.exists():
         (parent / "shared").symlink_to(shared)
