@@ -1,5 +1,6 @@
-"""Training metrics: a JSONL file (one line per logged step and one per hook result, appended and flushed so a crash loses nothing), TensorBoard
-event files (tensorboardX, no TensorFlow needed) and a tqdm progress bar with loss, tokens/s and estimated MFU.
+"""Training metrics: a JSONL file (one line per logged step, and one per hook result such as eval/loss; appended and
+flushed so a crash loses nothing), TensorBoard event files (tensorboardX, no TensorFlow needed) and a tqdm progress
+bar with loss, tokens/s and estimated MFU.
 
 Only process 0 writes. For a gs:// run folder the files are written to a local mirror and uploaded by `sync()`
 (called at every checkpoint), because neither appends nor event files can be streamed to Cloud Storage objects.

@@ -1,5 +1,6 @@
 """Training objectives as plug-ins: each owns the batch fields it reads, whether it needs a frozen reference model, its
-loss as sums and weights, its metrics and its FLOP count; the trainer and the step look one up once, in `OBJECTIVES`.
+loss as sums and weights, its metrics and its FLOP count; the trainer and the step look one up once, in `OBJECTIVES`
+(docs/DESIGN.md §6).
 
 Losses are returned as *sums* with the `weight` they are to be divided by (target tokens for SFT, pairs for DPO): the
 step adds them up over micro-batches (and the held-out hook over batches) and divides once at the end, so gradient

@@ -1,4 +1,5 @@
-"""The jit-compiled optimizer step shared by every objective, with explicit shardings over the (data, fsdp, tensor) mesh.
+"""The jit-compiled optimizer step shared by every objective, with explicit shardings over the (data, fsdp, tensor)
+mesh.
 
 A step takes one global batch (the objective's fields of the `collate` dict of aloe_jax/train/inputs/batch.py, rows
 split over data×fsdp), splits it into micro-batches, and accumulates *unnormalised* gradients (loss sums) over them in
