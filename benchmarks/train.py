@@ -56,15 +56,17 @@ def bench_aloe(objective: str, trees, rows: int, steps: int, dtype: str) -> tupl
 
     from aloe_jax.train.inputs.batch import collate
     from aloe_jax.train.inputs.packing import pack_tree
-    from aloe_jax.train.inputs.pipeline import DataConfig, global_batch
+    from aloe_jax.train.inputs.pipeline import DataConfig
     from aloe_jax.models import sharding
     from aloe_jax.models.loader import load_model
     from aloe_jax.train.config import DPOConfig, OptimConfig, TrainConfig
+    from aloe_jax.train.objectives import OBJECTIVES
     from aloe_jax.train.trainer import Trainer
 
     mesh = sharding.make_mesh()
     model, tokenizer = load_model(None, param_dtype="float32", dtype=dtype, mesh=mesh)
-    packed = [pack_tree(tokenizer, t, 1 << 16, rejected_branches=objective == "dpo") for t in trees]
+    packed = [pack_tree(tokenizer, t, 1 << 16, rejected_branches=OBJECTIVES[objective].rejected_branches)
+              for t in trees]
     seq_len = -(-max(len(p) for p in packed) // BUCKET) * BUCKET
     cfg = TrainConfig(objective=objective, output_dir="unused", model={"dtype": dtype}, batch_size=rows,
                       data=DataConfig(path="unused", seq_len=seq_len, max_pairs=TURNS),
@@ -75,7 +77,7 @@ def bench_aloe(objective: str, trees, rows: int, steps: int, dtype: str) -> tupl
     seconds, tokens = [], []
     for step in range(steps + 1):
         rows_packed = packed[step * rows:(step + 1) * rows]
-        batch = global_batch(collate(rows_packed, rows, seq_len, TURNS, tokenizer.pad_token_id), mesh)
+        batch = trainer.device_batch(collate(rows_packed, rows, seq_len, TURNS, tokenizer.pad_token_id))
         start = time.perf_counter()
         state, metrics = trainer.step(state, batch)
         jax.block_until_ready(metrics)
