@@ -89,6 +89,13 @@ def test_every_command_prints_its_default_config(capsys, command):
     assert yaml.safe_load(capsys.readouterr().out)
 
 
+def test_a_deprecated_flag_still_works_and_says_so(capsys):
+    assert main(["chat", "hi", "--max-new-tokens", "9", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["model"]["generation"]["max_tokens"] == 9
+    assert "--max-new-tokens is deprecated, use --max-tokens" in captured.err
+
+
 def test_every_alias_is_tested():
     """A flag added to a command later must get a line in ALIASED."""
     commands = build_parser()._subparsers._group_actions[0].choices

@@ -41,6 +41,7 @@ class Alias:
     nargs: str | None = None  # positionals: "?" (one) or "*" (a list); flags: "*" for a list
     const: Any = None  # a switch (no value) that sets the key to this, e.g. --quiet → progress_bar=false
     expand: Callable[[Any], list[str]] | None = None
+    deprecated_for: str | None = None  # an old spelling kept working: the flag to use instead
 
     @property
     def dest(self) -> str:
@@ -114,6 +115,8 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
             explicit = [t for t in tokens if _OVERRIDE.match(t)] + explicit
             kept = [t for t in tokens if not _OVERRIDE.match(t)]
             value = (kept if isinstance(value, list) else kept[0]) if kept else None
+        if value is not None and alias.deprecated_for:
+            print(f"aloe-jax: {alias.flag} is deprecated, use {alias.deprecated_for}", file=sys.stderr)
         if value is not None:
             spelled = alias.flag.upper() if alias.positional else f"{alias.flag} {value}"
             from_flags += [(spelled, override) for override in alias.overrides(value)]
