@@ -68,14 +68,16 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None,
                         help="print the resolved, validated config as YAML and exit without running")
     for alias in aliases:
         text = f"{alias.help} (sets {alias.key})"
+        metavar = None if alias.choices else alias.key.rpartition(".")[2].upper()
         if alias.positional:
             parser.add_argument(alias.dest, metavar=alias.flag.upper(), nargs=alias.nargs or "?", type=alias.type,
                                 help=text)
         elif alias.const is not None:
-            parser.add_argument(alias.flag, dest=alias.dest, action="store_const", const=alias.const, help=text)
+            parser.add_argument(alias.flag, dest=alias.dest, action="store_const", const=alias.const,
+                                help=f"{alias.help} (sets {alias.key}={json.dumps(alias.const)})")
         else:
             parser.add_argument(alias.flag, dest=alias.dest, type=alias.type, choices=alias.choices,
-                                nargs=alias.nargs, default=None, help=text)
+                                nargs=alias.nargs, default=None, metavar=metavar, help=text)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. seed=3 model.path=runs/sft (a flag and an override of the same "
                              "key are an error)")
