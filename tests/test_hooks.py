@@ -72,9 +72,21 @@ def files(tmp_path_factory, smollm2_tokenizer):
             _write(root / "held_out.jsonl", held_out), held_out)
 
 
-def _train(tmp_path, files, **extra) -> tuple[pathlib.Path, dict, dict]:
-    """Run 4 steps with the held-out hook every 3 steps and a checkpoint after every step; returns (run folder,
-    {step: eval JSONL record}, TensorBoard scalars)."""
+class _Recorder(Hook):
+    """Records the step it is called at and the state's own step count; logs the step as custom/step."""
+
+    def __init__(self, every: int):
+        super().__init__(every, at_end=False)
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, trainer, step, state):
+        self.calls.append((step, int(state.step)))
+        return {"custom/step": float(step)}
+
+
+def _train(tmp_path, files, hooks=(), **extra) -> tuple[pathlib.Path, dict, dict]:
+    """Run 4 steps with the held-out hook every 3 steps (and `hooks`) and a checkpoint after every step; returns
+    (run folder, {step: eval JSONL record}, TensorBoard scalars)."""
     model, train, held_out, _ = files
     out = tmp_path / "run"
     cfg = TrainConfig.model_validate({
@@ -83,7 +95,7 @@ def _train(tmp_path, files, **extra) -> tuple[pathlib.Path, dict, dict]:
         "data": {"path": train, "seq_len": SEQ_LEN, "max_pairs": MAX_PAIRS},
         "checkpoint": {"every_steps": 1, "max_to_keep": None}, "log": {"progress_bar": False},
         **extra, "eval_data": {"path": held_out, "every": 3, **extra.get("eval_data", {})}})
-    run(cfg)
+    run(cfg, hooks)
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # training lines are unchanged
     evals = {r["step"]: r for r in records if "eval/loss" in r}
@@ -104,8 +116,11 @@ def _held_out_batch(tokenizer, trees, rejected_branches: bool) -> dict:
 
 def test_held_out_sft_loss_is_logged_at_its_steps_and_equals_the_nll_of_the_held_out_trees(tmp_path, files,
                                                                                            smollm2_tokenizer):
-    out, evals, scalars = _train(tmp_path, files)
+    recorder = _Recorder(every=2)
+    out, evals, scalars = _train(tmp_path, files, hooks=[recorder])
     assert sorted(evals) == [3, 4]  # every 3 steps, and after the last
+    assert recorder.calls == [(2, 2), (4, 4)]  # a hook of the caller, after the step it is due, with that state
+    assert scalars["custom/step"] == {2: 2.0, 4: 4.0}
     assert sorted(scalars["eval/loss"]) == [3, 4] and sorted(scalars["train/loss"]) == [1, 2, 3, 4]
     b = _held_out_batch(smollm2_tokenizer, files[3], rejected_branches=False)
     for step in (3, 4):
