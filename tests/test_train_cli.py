@@ -68,7 +68,8 @@ def losses_by_step(run_dir: str) -> dict[int, float]:
     out = {}
     for line in pathlib.Path(run_dir, "logs", "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[record["step"]] = record["loss"]
+        if "loss" in record:  # hook lines (held-out eval/*) carry their own keys
+            out[record["step"]] = record["loss"]
     return out
 
 
