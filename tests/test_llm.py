@@ -17,10 +17,11 @@ from aloe_jax.llm.usage import Price, UsageMeter
 
 
 class FlakyServer:
-    """An OpenAI-compatible endpoint that fails the first `failures` requests with `status`, then answers."""
+    """An OpenAI-compatible endpoint that fails the first `failures` requests with `status` — or, given `malformed`
+    (content type, body), with a 200 carrying that body — then answers."""
 
-    def __init__(self, failures: int, status: int = 500):
-        self.failures, self.status, self.requests = failures, status, []
+    def __init__(self, failures: int, status: int = 500, malformed: tuple[str, bytes] | None = None):
+        self.failures, self.status, self.malformed, self.requests = failures, status, malformed, []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -40,9 +41,11 @@ class FlakyServer:
                                      "message": {"role": "assistant", "content": text}}],
                         "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
                     }, 200
-                data = json.dumps(payload).encode()
+                data, content_type = json.dumps(payload).encode(), "application/json"
+                if outer.malformed and code != 200:
+                    (content_type, data), code = outer.malformed, 200
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("retry-after-ms", "10")  # keep the client's backoff short in tests
                 self.end_headers()
@@ -61,8 +64,8 @@ class FlakyServer:
 def flaky():
     servers = []
 
-    def make(failures, status=500):
-        servers.append(FlakyServer(failures, status))
+    def make(failures, status=500, malformed=None):
+        servers.append(FlakyServer(failures, status, malformed))
         return servers[-1]
 
     yield make
@@ -88,6 +91,32 @@ def test_persistent_failure_is_one_clear_error(flaky):
     with pytest.raises(BackendError, match="HTTP 500"):
         backend.chat([CONV], GenerationParams())
     assert len(server.requests) == 2  # the first try and one retry
+
+
+_COMPLETION = {"id": "x", "object": "chat.completion", "created": 0, "model": "m"}
+MALFORMED_200 = {
+    "not JSON": ("application/json", b'{"choices": [{"message": '),
+    "plain text": ("text/plain", b"upstream is warming up"),
+    "empty choices": ("application/json", json.dumps({**_COMPLETION, "choices": []}).encode()),
+    "no choices": ("application/json", json.dumps(_COMPLETION).encode()),
+    "choice without a message": ("application/json", json.dumps({**_COMPLETION, "choices": [{"index": 0}]}).encode()),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_200)
+def test_a_malformed_200_is_retried_then_one_clear_error(flaky, kind):
+    server = flaky(failures=1, malformed=MALFORMED_200[kind])
+    [result] = OpenAIBackend("m", base_url=server.url, max_retries=1).chat([CONV], GenerationParams())
+    assert result.text == "echo: hello" and len(server.requests) == 2
+    server = flaky(failures=100, malformed=MALFORMED_200[kind])
+    with pytest.raises(BackendError, match="answered 200 with .*, 2 times"):
+        OpenAIBackend("m", base_url=server.url, max_retries=1).chat([CONV], GenerationParams())
+    assert len(server.requests) == 2
+
+
+def test_backend_name_holds_no_key_from_the_url():
+    backend = OpenAIBackend("m", base_url="http://user:sk-test-SECRET123@127.0.0.1:9/v1?api_key=sk-test-SECRET123")
+    assert backend.name == "openai:m@http://127.0.0.1:9/v1"
 
 
 def test_client_errors_are_not_retried(flaky):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import tempfile
@@ -122,34 +123,56 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("ALOE_JAX_CACHE", pathlib.Path.home() / ".cache" / "aloe_jax"))
 
 
+def _cached_path(root: pathlib.Path, name: str, source: str) -> pathlib.Path:
+    """`root/name`, refusing an object name that would land outside `root` (`..`, `.` or an absolute part)."""
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise AloeError(f"{source!r} holds an object named {name!r}, which would be cached outside the cache "
+                        f"folder: rename it without '..', '.' or empty parts")
+    return root.joinpath(*parts)
+
+
+def _version(blob) -> str:
+    """What changes whenever the object is rewritten: its generation, with its checksum where the server has none."""
+    return f"{blob.generation}:{blob.crc32c or blob.md5_hash}"
+
+
 def localize(path: str | os.PathLike) -> str:
-    """A local path holding the same file or folder as `path` (downloaded once for gs://, as-is for local)."""
+    """A local path holding the same file or folder as `path` (as-is for local; for gs://, each object is downloaded
+    again whenever its generation differs from the cached copy's, so an overwritten object is never served stale)."""
     if not is_gcs(path):
         return str(path)
     digest = hashlib.sha256(str(path).rstrip("/").encode()).hexdigest()[:16]
     target = cache_dir() / "gcs" / digest
+    # Which version of each object the cached copy holds; a file is listed only once its download is complete.
+    manifest_path = cache_dir() / "gcs" / f"{digest}.versions.json"
     bucket, key = _split(str(path))
-    blob = _client().bucket(bucket).blob(key)
-    if key and blob.exists():
-        local = target / pathlib.PurePosixPath(key).name
-        if not local.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(local) + ".part")
-            os.replace(str(local) + ".part", local)
-        return str(local)
-    prefix = key.rstrip("/") + "/" if key else ""
-    found = False
-    for item in _client().list_blobs(bucket, prefix=prefix):
-        found = True
-        local = target / item.name[len(prefix):]
-        if local.exists() and local.stat().st_size == item.size:
+    blob = _client().bucket(bucket).get_blob(key) if key else None
+    if blob is not None:
+        name = pathlib.PurePosixPath(key).name
+        items = {_cached_path(target, name, str(path)).relative_to(target).as_posix(): blob}
+    else:
+        prefix = key.rstrip("/") + "/" if key else ""
+        # Names ending in "/" are the placeholder objects consoles create for folders: nothing to download.
+        items = {item.name[len(prefix):]: item for item in _client().list_blobs(bucket, prefix=prefix)
+                 if not item.name.endswith("/")}
+        if not items:
+            raise FileNotFoundError(str(path))
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = {}
+    for name, item in sorted(items.items()):
+        local = _cached_path(target, name, str(path))
+        if local.exists() and manifest.get(name) == _version(item):
             continue
+        manifest.pop(name, None)
         local.parent.mkdir(parents=True, exist_ok=True)
         item.download_to_filename(str(local) + ".part")
         os.replace(str(local) + ".part", local)
-    if not found:
-        raise FileNotFoundError(str(path))
-    return str(target)
+        manifest[name] = _version(item)
+        write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    return str(target / next(iter(items))) if blob is not None else str(target)
 
 
 def upload_dir(local_dir: str | os.PathLike, path: str) -> None:

@@ -1,19 +1,24 @@
 """ChatBackend on any OpenAI-compatible endpoint (OpenAI, vLLM, `aloe-jax serve`), through the `openai` package.
 
 Retries with exponential backoff and jitter on 408/409/429/5xx, connection errors and timeouts are the `openai`
-client's own (`max_retries`); we only add concurrency and turn final failures into one clear error.
+client's own (`max_retries`). A 200 whose body is not a chat completion (not JSON, plain text, no choices) the client
+hands back as-is, so we retry those ourselves, with the same backoff and count; final failures become one clear error.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import os
+import random
+import time
 from typing import Sequence
 
 import numpy as np
 
 from aloe_jax.core.errors import AloeError
+from aloe_jax.core.redact import redact_urls
 from aloe_jax.llm.base import ChatResult, Conversation, GenerationParams
 
 
@@ -33,21 +38,45 @@ class OpenAIBackend:
         if not key and base_url is None:
             raise AloeError(f"no API key: set {api_key_env} (or give base_url for a local server that needs none)")
         self.model = model
-        self.name = f"openai:{model}@{base_url or 'api.openai.com'}"
+        # The name goes into cache keys, protocol cards, usage summaries and error lines: never a key in the URL.
+        self.name = redact_urls(f"openai:{model}@{base_url or 'api.openai.com'}")
         self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
         self._openai = openai
         self.client = openai.OpenAI(api_key=key or "unused", base_url=base_url, timeout=timeout_s,
                                     max_retries=max_retries)
 
     def _create(self, **kwargs):
+        """A chat completion with at least one choice holding a message; malformed 200s are retried."""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                # The openai client's own schedule: doubling from 0.5 s up to 8 s, less up to a quarter of jitter.
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0) * (1 - 0.25 * random.random()))
+            try:
+                response = self._request(**kwargs)
+            except json.JSONDecodeError:
+                problem = "a body that is not JSON"
+                continue
+            choices = getattr(response, "choices", None)
+            if not isinstance(choices, list):
+                problem = f"no choices ({type(response).__name__} body)" if choices is None else "malformed choices"
+            elif not choices or choices[0].message is None:
+                problem = "an empty choices list" if not choices else "a choice without a message"
+            else:
+                return response
+        raise BackendError(f"{self.name}: answered 200 with {problem}, {self.max_retries + 1} times: not an "
+                           f"OpenAI-compatible chat completions endpoint, or a broken proxy in front of one")
+
+    def _request(self, **kwargs):
         try:
             return self.client.chat.completions.create(model=self.model, **kwargs)
         except self._openai.AuthenticationError as err:
             raise BackendError(f"{self.name}: authentication failed ({err.status_code}); check the API key") from None
         except self._openai.APIStatusError as err:
-            raise BackendError(f"{self.name}: HTTP {err.status_code}: {err.message}") from None
+            raise BackendError(f"{self.name}: HTTP {err.status_code}: {redact_urls(err.message)}") from None
         except (self._openai.APIConnectionError, self._openai.APITimeoutError) as err:
-            raise BackendError(f"{self.name}: no answer after retries ({type(err).__name__}: {err})") from None
+            raise BackendError(f"{self.name}: no answer after retries ({type(err).__name__}: "
+                               f"{redact_urls(str(err))})") from None
 
     def _one(self, conversation: Conversation, params: GenerationParams) -> ChatResult:
         response = self._create(
