@@ -188,12 +188,12 @@ cmd_setup() {
     rm -f "$tarball"
   fi
   gcloud_do "${tpu_vm[@]}" scp "$tarball" "$name:aloe-jax-src.tar.gz" --worker=all "${where[@]}"
-  # python3-venv is not on every TPU image; jax[tpu] is pinned to the jax that install.sh resolved, so libtpu matches.
+  # python3-venv is not on every TPU image. install.sh --tpu installs the lock's versions (libtpu included), so every
+  # worker gets the stack the tests passed with.
   local remote
   remote="set -e; rm -rf \$HOME/$remote_dir && mkdir -p \$HOME/$remote_dir && tar -xzf \$HOME/aloe-jax-src.tar.gz -C \$HOME/$remote_dir"
   remote+="; python3 -c 'import ensurepip' 2>/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv; }"
-  remote+="; bash \$HOME/$remote_dir/launch/install.sh"
-  remote+="; \$HOME/$remote_dir/.venv/bin/python -m pip install --quiet \"jax[tpu]==\$(\$HOME/$remote_dir/.venv/bin/python -c 'import jax; print(jax.__version__)')\""
+  remote+="; bash \$HOME/$remote_dir/launch/install.sh --tpu"
   remote+="; \$HOME/$remote_dir/.venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
   gcloud_do "${tpu_vm[@]}" ssh "$name" "${where[@]}" --worker=all --command "$remote"
 }

@@ -158,12 +158,13 @@ def test_life_cycle_on_a_two_worker_fake_slice(fake, tmp_path):
     for worker in (0, 1):
         with tarfile.open(state / "tpus" / "aloe" / f"worker-{worker}" / "home" / "aloe-jax-src.tar.gz") as tar:
             names = set(tar.getnames())
-        assert {"launch/tpu.sh", "launch/install.sh", "pyproject.toml", "aloe_jax/cli.py"} <= names
+        assert {"launch/tpu.sh", "launch/install.sh", "launch/constraints.txt", "pyproject.toml",
+                "aloe_jax/cli.py"} <= names
         assert not any(n.startswith(".venv/") or "__pycache__" in n for n in names)
     setup_ssh = calls(fake)[-1]
     assert setup_ssh[:11] == ["compute", "tpus", "tpu-vm", "ssh", "aloe", "--zone", "us-east5-a", "--project",
                               "aloe-proj", "--worker=all", "--command"]
-    assert "launch/install.sh" in setup_ssh[11] and "jax[tpu]==" in setup_ssh[11]
+    assert "launch/install.sh --tpu" in setup_ssh[11] and "pip install" not in setup_ssh[11]  # the lock's libtpu
 
     # What setup leaves on each worker, minus the install: a checkout folder whose venv is this interpreter's.
     for worker in (0, 1):

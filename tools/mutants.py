@@ -36,6 +36,7 @@ _PIPELINE = "tests/test_train_inputs.py"
 _HOOKS = "tests/test_hooks.py"
 _CONVERSATION = "tests/test_conversation.py"
 _CONFIGS = "tests/test_configs.py"
+_METRICS_LOG = "tests/test_metrics_log.py"
 _LIST_BASE = f"{_CONFIGS}::test_list_base_applies_in_order_then_the_files_own_keys"
 _OVERRIDE_ERRORS = f"{_CONFIGS}::test_an_override_error_names_the_override_and_suggests_the_key"
 _THREE_BANDS = f"{_MODELS}::test_llama31_rope_scaling_in_all_three_bands_matches_transformers"
@@ -363,4 +364,13 @@ MUTANTS: list[Mutant] = [
            "if _key(override) in explicit_by_key:", "if False:",
            ("tests/test_commands.py::test_a_wrong_flag_or_override_is_one_line",),
            "--model M model.path=N runs one of them silently instead of asking which was meant"),
+    # --- metrics loggers and the lock of the stack -------------------------------------------------------------------
+    Mutant("wandb_run_not_resumed", "aloe_jax/train/metrics_log.py",
+           "if resuming and os.path.exists(id_file):", "if False:",
+           (f"{_METRICS_LOG}::test_wandb_gets_the_logged_metrics_and_config_and_a_resume_continues_the_same_run",),
+           "resuming a run folder starts a second W&B run instead of continuing the first"),
+    Mutant("install_without_the_lock", "launch/install.sh",
+           '-c "$constraints" "$@"', '"$@"',
+           ("tests/test_lock.py::test_every_pip_install_of_install_sh_is_held_to_the_lock",),
+           "install.sh, CI and TPU workers resolve the newest versions instead of the stack the tests passed with"),
 ]

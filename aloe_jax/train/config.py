@@ -61,13 +61,26 @@ class CheckpointConfig(StrictModel):
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
 
 
+class WandbConfig(StrictModel):
+    """A Weights & Biases run that gets the metrics the JSONL and TensorBoard files get, with the resolved config as
+    its config. Credentials and offline mode come from W&B's own environment (WANDB_API_KEY, WANDB_MODE, WANDB_DIR)."""
+
+    project: str
+    run: str | None = None  # the run's display name; None lets W&B name it
+    entity: str | None = None  # team or user; None = the account's default entity
+    group: str | None = None
+    tags: list[str] = []
+
+
 class LogConfig(StrictModel):
-    """Metrics JSONL + TensorBoard events under `<output_dir>/logs`, and the progress bar."""
+    """Metrics JSONL + TensorBoard events under `<output_dir>/logs` (and W&B when `wandb` is set), and the progress
+    bar."""
 
     every_steps: int = pydantic.Field(1, gt=0)
     # Peak FLOP/s of one device for the MFU estimate; None looks the device kind up (CPU: MFU not reported).
     peak_flops_per_device: float | None = pydantic.Field(None, gt=0)
     progress_bar: bool = True
+    wandb: WandbConfig | None = None  # None = off; needs the `wandb` extra (pip install 'aloe-jax[wandb]')
 
 
 class EvalDataConfig(StrictModel):

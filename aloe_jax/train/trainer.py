@@ -134,9 +134,11 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     from aloe_jax.models.run_folder import write_run_files
     from aloe_jax.train.checkpoint import Checkpointer
     from aloe_jax.train.hooks import hooks_of
-    from aloe_jax.train.metrics_log import MetricsLogger, peak_flops_per_device
+    from aloe_jax.train.metrics_log import MetricsLogger, import_wandb, peak_flops_per_device
 
     _check_resume_layout(cfg)
+    if cfg.log.wandb:
+        import_wandb()  # a missing wandb is one line now, not after minutes of loading the model
     distributed.maybe_initialize()
     mesh = sharding.make_mesh(cfg.mesh)
     objective = objective_of(cfg)
@@ -165,7 +167,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     start = int(jax.device_get(state.step))
     logger = MetricsLogger(cfg.output_dir, total_steps, start,
                            objective.flops_per_token(trainer.model_cfg, cfg.data.seq_len),
-                           peak_flops_per_device(cfg.log.peak_flops_per_device), cfg.log.progress_bar)
+                           peak_flops_per_device(cfg.log.peak_flops_per_device), cfg.log.progress_bar,
+                           wandb=cfg.log.wandb, run_config=cfg.model_dump(mode="json"))
     report = pipeline.PackingReport()
     meta = {"config": cfg.model_dump(mode="json")}
     record: dict[str, float] = {}
