@@ -43,7 +43,8 @@ def test_the_environment_the_tests_run_in_is_exactly_the_lock():
     """What "CI passed with" means: every installed distribution is in the lock at its version."""
     lock = _lock()
     installed = {name: version for name, version in _installed().items() if name != "aloe-jax"}
-    assert not sorted(set(installed) - set(lock)), "installed but not locked: bash launch/lock.sh"
+    assert not sorted(set(installed) - set(lock)), ("installed but not in the lock: a new requirement (bash "
+                                                    "launch/lock.sh) or installed by hand (pip uninstall it)")
     wrong = {name: (version, lock[name]) for name, version in installed.items() if version != lock[name]}
     assert not wrong, f"installed (not the locked) versions: {wrong}; bash launch/install.sh --test"
     assert "aloe-jax" not in lock  # it is the checkout, installed editable
