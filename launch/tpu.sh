@@ -16,7 +16,8 @@
 # before any can start. aloe-jax itself calls jax.distributed.initialize() when there is more than one process; this
 # script only places the command. Each worker tees its output to ~/aloe-logs/RUN_ID/worker-N.log; afterwards the
 # per-worker logs are copied into --log-dir (default runs/tpu/NAME/RUN_ID) and, with --gcs-logs, uploaded by each
-# worker to gs://.../RUN_ID/.
+# worker to gs://.../RUN_ID/. --env values (often API keys) reach the workers as a mode-600 file, sourced and removed
+# before the command starts, never on a command line; --dry-run prints them masked.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -198,16 +199,39 @@ cmd_setup() {
   gcloud_do "${tpu_vm[@]}" ssh "$name" "${where[@]}" --worker=all --command "$remote"
 }
 
+# Copy the --env pairs to every worker as a mode-600 file of exports (sets $env_file, the remote path; empty when
+# there are none): values are often secrets, and a command line is seen by `ps` on the workers and by --dry-run.
+send_env_file() {
+  env_file=""
+  [ ${#env_pairs[@]} -gt 0 ] || return 0
+  env_file=".aloe-env-$run_id.sh"
+  local pair
+  if [ "$dry_run" = 1 ]; then
+    echo "# would copy to every worker as ~/$env_file (mode 600, removed once sourced):"
+    for pair in "${env_pairs[@]}"; do echo "#   export ${pair%%=*}=***"; done
+    gcloud_do "${tpu_vm[@]}" scp ENV_FILE "$name:$env_file" --worker=all --scp-flag=-p "${where[@]}"
+    return 0
+  fi
+  # Global, not local: the EXIT trap that removes it runs after this function has returned.
+  local_env_file=$(mktemp "${TMPDIR:-/tmp}/aloe-jax-env.XXXXXX")  # mktemp creates it mode 600
+  trap 'rm -f "$local_env_file"' EXIT
+  for pair in "${env_pairs[@]}"; do printf 'export %s=%q\n' "${pair%%=*}" "${pair#*=}"; done >"$local_env_file"
+  gcloud_do "${tpu_vm[@]}" scp "$local_env_file" "$name:$env_file" --worker=all --scp-flag=-p "${where[@]}"
+}
+
 cmd_run() {
   run_id=${run_id:-$(date -u +%Y%m%d-%H%M%S)}
   local logs="\$HOME/aloe-logs/$run_id" remote status=0
   local exports=""
-  [ ${#env_pairs[@]} -eq 0 ] || exports="export $(quote_words "${env_pairs[@]}") && "
+  send_env_file
+  # Sourced then removed before the command starts; removed again at the end in case sourcing failed.
+  [ -z "$env_file" ] || exports=". \$HOME/$env_file && rm -f \$HOME/$env_file && "
   # Everything, the cd and venv activation included, goes through tee, so a broken worker says why in its log;
   # pipefail keeps the command's exit status through tee; the GCS upload runs whatever that status was.
   remote="set -o pipefail; $worker_id_sh; mkdir -p $logs; "
   remote+="{ cd \$HOME/$remote_dir && . .venv/bin/activate && ${exports}$(quote_words "${user_cmd[@]}"); } 2>&1"
   remote+=" | tee $logs/worker-\$wid.log; status=\$?"
+  [ -z "$env_file" ] || remote+="; rm -f \$HOME/$env_file"
   [ -z "$gcs_logs" ] || remote+="; gcloud storage cp $logs/worker-\$wid.log ${gcs_logs%/}/$run_id/worker-\$wid.log"
   remote+="; exit \$status"
   log_dir=${log_dir:-$root/runs/tpu/$name/$run_id}

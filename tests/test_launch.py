@@ -1,6 +1,7 @@
 """launch/tpu.sh against a fake `gcloud` (tests/fake_gcloud/gcloud) that records its arguments and plays a TPU slice
 as local processes: dry-run output, early failures, the create → setup → run → logs → ssh → delete life cycle."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -41,7 +42,8 @@ def calls(env) -> list[list[str]]:
 
 
 def printed_commands(stdout: str) -> list[list[str]]:
-    return [shlex.split(line) for line in stdout.splitlines()]
+    """The gcloud commands a --dry-run printed (its `#` lines are notes)."""
+    return [shlex.split(line) for line in stdout.splitlines() if not line.startswith("#")]
 
 
 def test_shellcheck_clean():
@@ -83,7 +85,10 @@ def test_dry_run_run_command_keeps_the_worker_command_intact(fake, tmp_path):
     words = ["python", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))", "a b", "$HOME", "it's", "x=1e-5"]
     out = tpu(fake, "--dry-run", "run", "--name", "aloe", *WHERE, "--run-id", "r7", "--env", "GREETING=hi there",
               "--gcs-logs", "gs://bucket/logs", "--log-dir", str(tmp_path / "logs"), "--", *words).stdout
-    ssh, scp = printed_commands(out)
+    send_env, ssh, scp = printed_commands(out)
+    # --env values are sent as a file, never on a command line, and a dry run shows them masked.
+    assert "hi there" not in out and "#   export GREETING=***" in out.splitlines()
+    assert send_env[4:7] == ["scp", "ENV_FILE", "aloe:.aloe-env-r7.sh"] and "--scp-flag=-p" in send_env
     assert ssh[:12] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "aloe", "--zone", "us-east5-a", "--project",
                         "aloe-proj", "--worker=all", "--command"]
     assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "aloe:aloe-logs/r7/*", f"{tmp_path / 'logs'}/",
@@ -93,9 +98,11 @@ def test_dry_run_run_command_keeps_the_worker_command_intact(fake, tmp_path):
     home = tmp_path / "home"
     (home / "aloe-jax" / ".venv" / "bin").mkdir(parents=True)
     (home / "aloe-jax" / ".venv" / "bin" / "activate").write_text(f'PATH="{VENV_BIN}:$PATH"\n')
+    (home / ".aloe-env-r7.sh").write_text("export GREETING=hi\\ there\n")  # what the scp above delivers
     env = dict(fake, HOME=str(home), TPU_WORKER_ID="5")
     result = subprocess.run(["bash", "-c", ssh[12]], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert not (home / ".aloe-env-r7.sh").exists()
     assert json.loads(result.stdout) == ["a b", "$HOME", "it's", "x=1e-5"]
     log = home / "aloe-logs" / "r7" / "worker-5.log"
     assert json.loads(log.read_text()) == ["a b", "$HOME", "it's", "x=1e-5"]
@@ -173,11 +180,18 @@ def test_life_cycle_on_a_two_worker_fake_slice(fake, tmp_path):
         activate.write_text(f'PATH="{VENV_BIN}:$PATH"\n')
 
     report = ("import os; print('worker', os.environ['TPU_WORKER_ID'], 'pid', os.getpid(), 'process',"
-              " os.environ['ALOE_JAX_PROCESS_ID'], 'of', os.environ['ALOE_JAX_NUM_PROCESSES'])")
-    tpu(fake, "run", "--run-id", "r1", "--log-dir", str(tmp_path / "logs"), "--", "python", "-c", report)
+              " os.environ['ALOE_JAX_PROCESS_ID'], 'of', os.environ['ALOE_JAX_NUM_PROCESSES'],"
+              " hashlib.sha256(os.environ['OPENAI_API_KEY'].encode()).hexdigest())")
+    secret = "sk-test 'SECRET123'"
+    tpu(fake, "run", "--run-id", "r1", "--log-dir", str(tmp_path / "logs"), "--env", f"OPENAI_API_KEY={secret}",
+        "--", "python", "-c", "import hashlib; " + report)
     lines = {w: (tmp_path / "logs" / f"worker-{w}.log").read_text().split() for w in (0, 1)}
-    assert [lines[w][:2] + lines[w][4:] for w in (0, 1)] == [["worker", "0", "process", "0", "of", "2"],
-                                                             ["worker", "1", "process", "1", "of", "2"]]
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    assert [lines[w][:2] + lines[w][4:] for w in (0, 1)] == [["worker", "0", "process", "0", "of", "2", digest],
+                                                             ["worker", "1", "process", "1", "of", "2", digest]]
+    # The secret reached every worker's environment through a mode-600 file that is gone, not through any argv.
+    assert "SECRET123" not in (state / "calls.jsonl").read_text()
+    assert "--scp-flag=-p" in calls(fake)[-3] and not list((state / "tpus").rglob(".aloe-env-*"))
     assert lines[0][3] != lines[1][3]  # two processes, not one
 
     fail_on_1 = "import os, sys; print('bye'); sys.exit(3 if os.environ['TPU_WORKER_ID'] == '1' else 0)"
