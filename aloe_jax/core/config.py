@@ -118,6 +118,8 @@ def resolve_config(path_or_name: str | os.PathLike) -> str:
     given = str(path_or_name)
     if storage.is_gcs(given) or os.path.isfile(given):
         return given
+    if os.path.isdir(given):
+        raise ConfigError(f"config {given!r} is a folder: pass one of its YAML files")
     packaged = packaged_config_path(given)
     if packaged is not None:
         return packaged
@@ -152,6 +154,11 @@ def _parse(path: str) -> dict:
         text = storage.read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path!r} is a folder: pass one of its YAML files") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path!r} is not a UTF-8 text (YAML) file: byte {err.start} cannot be "
+                          f"decoded") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from aloe_jax.core import storage
 from aloe_jax.core.errors import DataError
 
 
@@ -57,7 +58,11 @@ def append(path: str, records: list) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        # A write cut short by a full disk leaves a torn last line, which the next read_complete cuts off.
+        raise storage.disk_full(err, path) or err from None

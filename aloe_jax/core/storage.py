@@ -7,6 +7,7 @@ cache with `localize`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -14,9 +15,18 @@ import os
 import pathlib
 import tempfile
 
-from aloe_jax.core.errors import AloeError
+from aloe_jax.core.errors import AloeError, DataError
 
 GCS_PREFIX = "gs://"
+
+
+def disk_full(err: BaseException, path: str | os.PathLike) -> AloeError | None:
+    """The one-line error for a write to `path` that failed because its disk is full (ENOSPC or a quota), else None:
+    every writer of aloe-jax commits whole records or files, so what was committed before is intact."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err):
+        return AloeError(f"the disk is full: writing {str(path)!r} failed; nothing committed before is lost — free "
+                         f"space and rerun the same command to resume")
+    return None
 
 
 def is_gcs(path: str | os.PathLike) -> bool:
@@ -92,6 +102,16 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise FileNotFoundError(str(path)) from None
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    """`data` as UTF-8 text, or a DataError naming `where` and the line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{where} line {line} is not UTF-8 text ({err.reason} at byte {err.start}): save it as "
+                        f"UTF-8") from None
+
+
 def read_text(path: str | os.PathLike) -> str:
     """The whole content of a UTF-8 text file."""
     return read_bytes(path).decode("utf-8")
@@ -104,8 +124,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with tmp:
+            tmp.write(data)
+    except OSError as err:
+        os.unlink(tmp.name)  # the old file, if any, is untouched
+        raise disk_full(err, path) or err from None
     # Temporary files are created 0600; give the result the permissions a plain open() would (umask applied).
     umask = os.umask(0)
     os.umask(umask)
@@ -116,6 +141,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a whole UTF-8 text file atomically."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def require_writable_folder(path: str | os.PathLike, key: str = "output_dir") -> None:
+    """Create the local folder `path` if needed and check a file can be written in it, so that a command refuses an
+    unusable output folder in one line before it loads anything (gs:// folders are left to the first write)."""
+    if is_gcs(path):
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise AloeError(f"{key} {str(path)!r} is a file, not a folder: pass a folder (new or existing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise AloeError(f"{key} {str(path)!r} is not a writable folder ({err.strerror}): pass a folder you can "
+                        f"write to") from None
 
 
 def cache_dir() -> pathlib.Path:

@@ -7,6 +7,7 @@ import argparse
 import json
 import pathlib
 
+from aloe_jax.core import storage
 from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config
 from aloe_jax.core.errors import ConfigError
 
@@ -74,6 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     cfg = load_eval_config(args)
     if printed_config(cfg, args):
         return
+    storage.require_writable_folder(cfg.output_dir)
     from aloe_jax.eval.report import write_report
     from aloe_jax.eval.runner import build_runner, total_seconds
     from aloe_jax.llm.usage import UsageMeter
