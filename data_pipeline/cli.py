@@ -22,7 +22,9 @@ EXPORT_ALIASES = (
     Alias("trees", "train", "tree JSONL files (local or gs://) of the train split", nargs="*"),
     Alias("--eval", "eval", "tree JSONL files of the eval split", nargs="*"),
     Alias("--out", "output_dir", "output folder (local or gs://)"),
-    Alias("--format", "format", "both writes <out>/parquet and <out>/tfds", choices=("parquet", "tfds", "both")),
+    Alias("--format", "format", "trees: Parquet of the tree schema; trl-dpo, trl-sft: Parquet for TRL's DPOTrainer, "
+          "SFTTrainer; tfds: ArrayRecord; both: trees in <out>/parquet + tfds in <out>/tfds",
+          choices=("trees", "trl-dpo", "trl-sft", "tfds", "both", "parquet")),
 )
 
 
@@ -86,10 +88,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
     splits = {"train": cfg.train}
     if cfg.eval:
         splits["eval"] = cfg.eval
-    if cfg.format in ("parquet", "both"):
-        for split, path in export.export_parquet(splits, cfg.output_dir if cfg.format == "parquet"
-                                                 else f"{cfg.output_dir.rstrip('/')}/parquet").items():
-            print(f"parquet {split}: {path}")
+    if cfg.format != "tfds":
+        kind = "trees" if cfg.format in ("both", "parquet") else cfg.format
+        out = f"{cfg.output_dir.rstrip('/')}/parquet" if cfg.format == "both" else cfg.output_dir
+        for split, path in export.export_parquet(splits, out, kind).items():
+            print(f"parquet ({kind}) {split}: {path}")
     if cfg.format in ("tfds", "both"):
         out = cfg.output_dir if cfg.format == "tfds" else f"{cfg.output_dir.rstrip('/')}/tfds"
         print(f"tfds (ArrayRecord): {export.export_tfds(splits, out)}  — open with tfds.builder_from_directory")
@@ -131,7 +134,7 @@ def register(commands) -> None:
 
     # `export` (no suffix) is the trainer's checkpoint → HF model export.
     export = commands.add_parser("export-trees",
-                                 help="export tree JSONL to Parquet (HF datasets) and/or TFDS ArrayRecord")
+                                 help="export tree JSONL to Parquet (trees, TRL DPO / SFT) and/or TFDS ArrayRecord")
     add_config_args(export, None, EXPORT_ALIASES)
     export.set_defaults(run=_cmd_export)
 

@@ -107,9 +107,13 @@ class DatagenConfig(StrictModel):
 
 
 class ExportTreesConfig(StrictModel):
-    """`aloe-jax export-trees`: tree JSONL files to Parquet (HF datasets) and/or TFDS ArrayRecord."""
+    """`aloe-jax export-trees`: tree JSONL files to Parquet (the tree schema, or TRL's DPO / SFT datasets) and/or TFDS
+    ArrayRecord."""
 
     train: list[str] = []  # tree JSONL files (local or gs://) of the train split
     eval: list[str] = []  # of the eval split
     output_dir: str | None = None  # local or gs://; format both writes <output_dir>/parquet and <output_dir>/tfds
-    format: Literal["parquet", "tfds", "both"] = "both"
+    # trees: Parquet of the tree schema (`parquet` is its older name); trl-dpo / trl-sft: Parquet that TRL's
+    # DPOTrainer / SFTTrainer read (data_pipeline/export.py says which rows); tfds: TFDS ArrayRecord; both: trees and
+    # tfds.
+    format: Literal["trees", "trl-dpo", "trl-sft", "tfds", "both", "parquet"] = "both"

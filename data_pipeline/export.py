@@ -1,20 +1,33 @@
-"""Exports of tree JSONL files (`aloe-jax export`): Parquet that Hugging Face `datasets.load_dataset("parquet", ...)`
-reads, and a TFDS ArrayRecord dataset that `tfds.builder_from_directory` opens and grain reads.
+"""Exports of tree JSONL files (`aloe-jax export-trees`): Parquet that Hugging Face `datasets.load_dataset("parquet",
+...)` reads — the tree schema (`trees`, which our trainer reads back) or TRL's conversational datasets (`trl-dpo`,
+`trl-sft`) — and a TFDS ArrayRecord dataset of the tree schema that `tfds.builder_from_directory` opens and grain reads.
 
-Both take one or more tree files per split (local or gs://) and validate every record against the schema first, so a
-malformed line fails the export with its file and line instead of surfacing in training.
+The TRL formats hold one row per *judged* turn t of a tree (an unjudged pair has no verdict to learn from), its
+history taken along the spine as the conversation went (`TreeRecord.history(t)`: the system prompt if any, every
+earlier user message and the reply that continued the chat, then turn t's user message):
+
+- `trl-dpo`: `prompt` = that history, `chosen` = `[{"role": "assistant", "content": preferred}]`, `rejected` = the
+  same with the rejected reply — TRL's conversational preference format with an explicit prompt.
+- `trl-sft`: `messages` = that history + the preferred reply of turn t — TRL's conversational language-modeling
+  format. SFTTrainer learns every token of it (every assistant message with `assistant_only_loss=True`), so it also
+  learns the earlier replies of the history, some of them rejected replies the chat went on with; our own SFT learns
+  only the preferred reply of each judged turn.
+
+Both carry `id` (the tree's) and `turn` (t, from 0) beside TRL's columns; TRL drops columns it does not use.
+
+Every export takes one or more tree files per split (local or gs://) and validates every record against the schema
+first, so a malformed line fails the export with its file and line instead of surfacing in training.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from typing import Sequence
 
 from aloe_jax.core import storage
-from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn, parse_tree
+from aloe_jax.conversation.records import TreeRecord, parse_tree, tree_to_row
 from aloe_jax.core.errors import DataError
 
 TFDS_NAME = "aloe_trees"
@@ -35,31 +48,46 @@ def read_trees(paths: Sequence[str]) -> list[TreeRecord]:
     return records
 
 
-def _features():
+def _tree_features():
     import datasets
 
     string = datasets.Value("string")
     turn = {"user": string, "preferred": string, "rejected": string, "continued": string,
             "inferred_profile": string, "inferred_personality": string, "judged": datasets.Value("bool"),
-            "judge": string}  # JSON: its raw output is a string or a list, which one Arrow column cannot hold
+            "judge": string}
     return datasets.Features({"id": string, "profile": string, "personality": string, "system": string,
                               "turns": datasets.List(turn), "meta": string})
 
 
-def tree_to_row(record: TreeRecord) -> dict:
-    """A flat, Arrow-friendly row of a tree (judge and meta as JSON strings)."""
-    turns = [{**t.model_dump(exclude={"judge"}),
-              "judge": None if t.judge is None else t.judge.model_dump_json()} for t in record.turns]
-    return {"id": record.id, "profile": record.profile, "personality": record.personality, "system": record.system,
-            "turns": turns, "meta": json.dumps(record.meta, ensure_ascii=False)}
+def _trl_features(columns: Sequence[str]):
+    import datasets
+
+    messages = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    return datasets.Features({"id": datasets.Value("string"), "turn": datasets.Value("int32"),
+                              **{column: messages for column in columns}})
 
 
-def row_to_tree(row: dict) -> TreeRecord:
-    """The tree a `tree_to_row` row holds."""
-    turns = [Turn(**{**t, "judge": None if t["judge"] is None else JudgeRecord.model_validate_json(t["judge"])})
-             for t in row["turns"]]
-    return TreeRecord(id=row["id"], profile=row["profile"], personality=row["personality"], system=row["system"],
-                      turns=turns, meta=json.loads(row["meta"]))
+def trl_dpo_rows(record: TreeRecord) -> list[dict]:
+    """TRL conversational preference rows (prompt / chosen / rejected), one per judged turn."""
+    return [{"id": record.id, "turn": t, "prompt": record.history(t),
+             "chosen": [{"role": "assistant", "content": turn.preferred}],
+             "rejected": [{"role": "assistant", "content": turn.rejected}]}
+            for t, turn in enumerate(record.turns) if turn.judged]
+
+
+def trl_sft_rows(record: TreeRecord) -> list[dict]:
+    """TRL conversational language-modeling rows (messages ending with the preferred reply), one per judged turn."""
+    return [{"id": record.id, "turn": t, "messages": record.history(t) + [{"role": "assistant",
+                                                                           "content": turn.preferred}]}
+            for t, turn in enumerate(record.turns) if turn.judged]
+
+
+# Parquet kind → (rows of one tree, the Arrow features of those rows).
+PARQUET_KINDS = {
+    "trees": (lambda record: [tree_to_row(record)], _tree_features),
+    "trl-dpo": (trl_dpo_rows, lambda: _trl_features(("prompt", "chosen", "rejected"))),
+    "trl-sft": (trl_sft_rows, lambda: _trl_features(("messages",))),
+}
 
 
 def _publish(local_dir: str, out: str) -> None:
@@ -67,19 +95,23 @@ def _publish(local_dir: str, out: str) -> None:
         storage.upload_dir(local_dir, out)
 
 
-def export_parquet(splits: dict[str, Sequence[str]], out: str) -> dict[str, str]:
-    """Write `<out>/<split>.parquet` for each split of tree files; returns split → written path."""
+def export_parquet(splits: dict[str, Sequence[str]], out: str, kind: str = "trees") -> dict[str, str]:
+    """Write `<out>/<split>.parquet` of `kind` (a PARQUET_KINDS key) for each split of tree files; returns split →
+    written path."""
     import datasets
 
+    rows_of, features = PARQUET_KINDS[kind]
     written = {}
     with tempfile.TemporaryDirectory() as tmp:
         local = tmp if storage.is_gcs(out) else out
         os.makedirs(local, exist_ok=True)
         for split, paths in splits.items():
-            rows = [tree_to_row(r) for r in read_trees(paths)]
+            rows = [row for record in read_trees(paths) for row in rows_of(record)]
+            if not rows and kind != "trees":
+                raise DataError(f"{split} trees {', '.join(paths)} hold no judged turn: nothing to export as {kind}")
             target = os.path.join(local, f"{split}.parquet")
             # Write beside the target and rename, so a crash never leaves a half-written Parquet file under its name.
-            datasets.Dataset.from_list(rows, features=_features()).to_parquet(target + ".part")
+            datasets.Dataset.from_list(rows, features=features()).to_parquet(target + ".part")
             os.replace(target + ".part", target)
             written[split] = storage.join(out, f"{split}.parquet")
         _publish(local, out)

@@ -1,11 +1,12 @@
-"""Tree exports (Parquet for HF datasets, TFDS ArrayRecord for grain) and the train/eval contamination report."""
+"""Tree exports (Parquet of the tree schema or of TRL's DPO / SFT formats, TFDS ArrayRecord for grain) and the
+train/eval contamination report."""
 
 import json
 
 import pytest
 
 from aloe_jax.cli import main
-from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn
+from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn, row_to_tree
 from aloe_jax.core.errors import DataError
 from data_pipeline import export
 
@@ -40,8 +41,8 @@ def test_parquet_round_trip_through_load_dataset(tmp_path):
                                      "eval": [_write(tmp_path / "e.jsonl", evals)]}, str(tmp_path / "out"))
     loaded = datasets.load_dataset("parquet", data_files=written)
     assert loaded["train"].num_rows == 5 and loaded["eval"].num_rows == 2
-    assert [export.row_to_tree(row) for row in loaded["train"]] == train
-    assert [export.row_to_tree(row) for row in loaded["eval"]] == evals
+    assert [row_to_tree(row) for row in loaded["train"]] == train
+    assert [row_to_tree(row) for row in loaded["eval"]] == evals
     assert loaded["train"][0]["turns"][0]["inferred_profile"] == "likes tea"  # nested columns, not one JSON blob
 
 
@@ -60,6 +61,38 @@ def test_tfds_array_record_opens_and_grain_reads_it(tmp_path):
     assert sorted((r for r in dataset), key=lambda r: r.id) == train
     assert sorted(TreeRecord.model_validate_json(ex["tree"]).id for ex in builder.as_data_source(split="eval")) == \
         ["e0", "e1"]
+
+
+def test_trl_rows_are_the_judged_turns_with_their_history_along_the_spine(tmp_path, capsys):
+    import datasets
+
+    tree = _trees("t", 6)[5]  # 3 turns, a system prompt; turn 0 continued with the rejected reply, turn 1 unjudged
+    spine_to_turn_2 = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi 5"},
+                       {"role": "assistant", "content": "meh"}, {"role": "user", "content": "and?"},
+                       {"role": "assistant", "content": "yes"}, {"role": "user", "content": "bye"}]
+    dpo = export.trl_dpo_rows(tree)
+    assert [row["turn"] for row in dpo] == [0, 2]
+    assert dpo[1] == {"id": "t5", "turn": 2, "prompt": spine_to_turn_2,
+                      "chosen": [{"role": "assistant", "content": "ciao"}],
+                      "rejected": [{"role": "assistant", "content": "bye"}]}
+    assert dpo[0]["prompt"] == spine_to_turn_2[:2] and dpo[0]["chosen"][0]["content"] == "hello 5"
+    sft = export.trl_sft_rows(tree)
+    assert [row["messages"] for row in sft] == [spine_to_turn_2[:2] + [{"role": "assistant", "content": "hello 5"}],
+                                                spine_to_turn_2 + [{"role": "assistant", "content": "ciao"}]]
+
+    src = _write(tmp_path / "t.jsonl", _trees("t", 6))
+    expected = {"trl-dpo": [r for t in _trees("t", 6) for r in export.trl_dpo_rows(t)],
+                "trl-sft": [r for t in _trees("t", 6) for r in export.trl_sft_rows(t)]}
+    for fmt, columns in (("trl-dpo", ["id", "turn", "prompt", "chosen", "rejected"]),
+                         ("trl-sft", ["id", "turn", "messages"])):
+        assert main(["export-trees", src, "--eval", src, "--out", str(tmp_path / fmt), "--format", fmt]) == 0
+        loaded = datasets.load_dataset("parquet", data_files={s: str(tmp_path / fmt / f"{s}.parquet")
+                                                              for s in ("train", "eval")})
+        assert loaded["train"].column_names == columns and list(loaded["eval"]) == expected[fmt]
+    assert "parquet (trl-sft) eval:" in capsys.readouterr().out
+    unjudged = _trees("u", 1)[0].model_copy(update={"turns": [_trees("u", 2)[1].turns[1]]})
+    with pytest.raises(DataError, match="no judged turn"):
+        export.export_parquet({"train": [_write(tmp_path / "u.jsonl", [unjudged])]}, str(tmp_path / "u"), "trl-dpo")
 
 
 def test_export_rejects_malformed_and_duplicate_records(tmp_path):
@@ -86,7 +119,7 @@ def test_export_cli_to_gcs(tmp_path, gcs_emulator, capsys, monkeypatch):
     assert "dataset_info.json" in storage.list_dir(f"{gcs_emulator}/exp/tfds")
     local = storage.localize(f"{gcs_emulator}/exp/parquet/train.parquet")
     rows = datasets.load_dataset("parquet", data_files=local)["train"]
-    assert [export.row_to_tree(r) for r in rows] == trees
+    assert [row_to_tree(r) for r in rows] == trees
     assert main(["export-trees", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

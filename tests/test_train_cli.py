@@ -100,8 +100,9 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(setup, tm
     root, model, data = setup
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     env = cli_env(devices=2)
-    reference = cli(["sft", "--config", write_config(tmp_path / "a.yaml", model, data, straight)], env)
-    config = write_config(tmp_path / "b.yaml", model, data, killed)
+    # max_steps=8 is more than one epoch gives: the data repeats, and the resumed run crosses into its second epoch.
+    reference = cli(["sft", "--config", write_config(tmp_path / "a.yaml", model, data, straight, max_steps=8)], env)
+    config = write_config(tmp_path / "b.yaml", model, data, killed, max_steps=8)
     victim = cli(["sft", "--config", config], env)
     first_checkpoint = pathlib.Path(killed, "checkpoints", "2")
     deadline = time.time() + 240
@@ -110,7 +111,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(setup, tm
     assert victim.poll() is None, "the run ended before it could be killed:\n" + victim.stdout.read()
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not pathlib.Path(killed, "checkpoints", "6").exists()
+    assert not pathlib.Path(killed, "checkpoints", "8").exists()
     resumed = cli(["sft", "--config", config], env)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
@@ -120,8 +121,8 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(setup, tm
     assert "resuming" not in out
 
     expected = losses_by_step(straight)
-    assert sorted(expected) == [1, 2, 3, 4, 5, 6]  # 12 trees / 2 per step, one epoch
-    assert expected[6] < expected[1]
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6, 7, 8]  # 12 trees / 2 per step: one epoch, then 2 steps more
+    assert expected[8] < expected[1]
     got = losses_by_step(killed)
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-6)

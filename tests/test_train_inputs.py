@@ -1,5 +1,6 @@
-"""The grain training pipeline: sources (JSONL local and gs://, ArrayRecord, TFDS folder), deterministic shuffling,
-epochs, exact resume, per-process slicing, clear errors and the packing report."""
+"""The grain training pipeline: sources (JSONL local and gs://, ArrayRecord, TFDS folder, Parquet and HF datasets
+folders of the tree schema), deterministic shuffling, epochs, exact resume, per-process slicing, clear errors and the
+packing report."""
 
 import json
 import re
@@ -10,9 +11,11 @@ import tensorflow_datasets as tfds
 
 from aloe_jax.core import storage
 from aloe_jax.train.inputs.packing import pack_tree
-from aloe_jax.train.inputs.pipeline import DataConfig, PackingReport, count_steps, global_batch, tree_batches
+from aloe_jax.train.inputs.pipeline import (DataConfig, PackingReport, count_steps, global_batch, repeated_for_steps,
+                                           tree_batches)
 from aloe_jax.conversation.records import TreeRecord
-from aloe_jax.train.inputs.sources import ArrayRecordTreeSource, JsonlTreeSource, TfdsTreeSource, open_tree_source
+from aloe_jax.train.inputs.sources import (ArrayRecordTreeSource, JsonlTreeSource, TfdsTreeSource, TreeRowSource,
+                                          open_tree_source)
 from aloe_jax.core.errors import DataError
 from tests.test_packing import make_tree
 
@@ -131,8 +134,37 @@ def test_missing_or_unknown_data_is_a_clear_error(tmp_path):
         open_tree_source(str(tmp_path / "trees.csv"))
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "readme.txt").write_text("hi")
-    with pytest.raises(DataError, match="neither ArrayRecord files nor a TFDS dataset"):
+    with pytest.raises(DataError, match="a folder with no ArrayRecord files, HF datasets folder"):
         open_tree_source(str(tmp_path / "folder"))
+
+
+def test_parquet_and_hf_datasets_folders_of_the_tree_schema(tmp_path):
+    import datasets
+
+    from data_pipeline import export
+
+    trees = [TreeRecord.model_validate(numbered_tree(k, turns=1 + k % 2)) for k in range(5)]
+    (tmp_path / "t.jsonl").write_text("".join(t.model_dump_json() + "\n" for t in trees))
+    written = export.export_parquet({"train": [str(tmp_path / "t.jsonl")]}, str(tmp_path / "pq"))
+    rows = datasets.load_dataset("parquet", data_files=written)["train"]
+    rows.save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": rows.select(range(2)), "eval": rows}).save_to_disk(str(tmp_path / "hf_dict"))
+    sources = {"file": written["train"], "export folder": str(tmp_path / "pq"), "hf": str(tmp_path / "hf")}
+    for kind, path in sources.items():
+        src = open_tree_source(path)
+        assert isinstance(src, TreeRowSource), kind
+        assert [TreeRecord.model_validate_json(src[i].text) for i in range(len(src))] == trees, kind
+    assert src[3].where == f"{tmp_path / 'hf'} row 3"
+    assert len(open_tree_source(str(tmp_path / "hf_dict"), split="eval")) == 5
+    with pytest.raises(DataError, match="no split 'test'"):
+        open_tree_source(str(tmp_path / "hf_dict"), split="test")
+    export.export_parquet({"train": [str(tmp_path / "t.jsonl")]}, str(tmp_path / "dpo"), "trl-dpo")
+    with pytest.raises(DataError, match="no column 'turns'.*not the tree schema"):
+        open_tree_source(str(tmp_path / "dpo" / "train.parquet"))
+    broken = rows.map(lambda row: {"meta": "{not json"})
+    broken.to_parquet(str(tmp_path / "broken.parquet"))
+    with pytest.raises(DataError, match=r"broken.parquet row 0: JSONDecodeError"):
+        open_tree_source(str(tmp_path / "broken.parquet"))[0]
 
 
 @pytest.fixture
@@ -157,6 +189,37 @@ def test_shuffle_is_deterministic_by_seed_and_epochs_cover_every_tree(seven_tree
     assert other_seed != order
     unshuffled = DataConfig(path=seven_trees, seq_len=SEQ_LEN, shuffle=False)
     assert [n for b in all_numbers(unshuffled, tok, rows=4) for n in b] == list(range(7)) + [None]
+
+
+def test_parquet_and_datasets_folder_on_gcs(tmp_path, gcs_emulator, monkeypatch):
+    import datasets
+
+    from data_pipeline import export
+
+    monkeypatch.setenv("ALOE_JAX_CACHE", str(tmp_path / "cache"))
+    trees = [TreeRecord.model_validate(numbered_tree(k)) for k in range(3)]
+    (tmp_path / "t.jsonl").write_text("".join(t.model_dump_json() + "\n" for t in trees))
+    written = export.export_parquet({"train": [str(tmp_path / "t.jsonl")]}, f"{gcs_emulator}/interop/pq")
+    local = tmp_path / "hf"
+    datasets.load_dataset("parquet", data_files=str(storage.localize(written["train"])))["train"].save_to_disk(local)
+    storage.upload_dir(str(local), f"{gcs_emulator}/interop/hf")
+    for path in (written["train"], f"{gcs_emulator}/interop/hf"):
+        src = open_tree_source(path)
+        assert [TreeRecord.model_validate_json(src[i].text) for i in range(len(src))] == trees, path
+
+
+def test_max_steps_above_the_data_repeats_it_for_the_fewest_epochs(seven_trees, tmp_path):
+    cfg = DataConfig(path=seven_trees, seq_len=SEQ_LEN)
+    assert count_steps(cfg, 4) == 2
+    # 2 epochs give 4 steps of 4 rows, 3 epochs 6: max_steps=5 needs 3.
+    assert repeated_for_steps(cfg, 4, 5).num_epochs == 3 and count_steps(repeated_for_steps(cfg, 4, 5), 4) == 6
+    assert repeated_for_steps(cfg, 4, 4).num_epochs == 2
+    assert repeated_for_steps(cfg, 4, 2) == cfg and repeated_for_steps(cfg, 4, None) == cfg
+    more = cfg.model_copy(update={"num_epochs": 4})
+    assert repeated_for_steps(more, 4, 1) == more  # fewer steps than the epochs give: the trainer stops early
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no trees; max_steps=3"):
+        repeated_for_steps(DataConfig(path=str(tmp_path / "empty.jsonl")), 4, 3)
 
 
 def test_resume_from_saved_iterator_state_is_exact(seven_trees, smollm2_tokenizer, tmp_path):

@@ -276,6 +276,16 @@ MUTANTS: list[Mutant] = [
            "return _Item(packed, turns_cut=packed.turns_cut)",
            (f"{_PIPELINE}::test_cut_report_counts_turns_cut_and_trees_dropped",),
            "turns cut by max_pairs are missing from the packing report"),
+    Mutant("max_steps_cut_by_the_epochs", "aloe_jax/train/inputs/pipeline.py",
+           'return cfg.model_copy(update={"num_epochs": max(cfg.num_epochs, needed)})', "return cfg",
+           (f"{_PIPELINE}::test_max_steps_above_the_data_repeats_it_for_the_fewest_epochs",),
+           "max_steps above what one epoch gives runs out of data instead of repeating it"),
+    Mutant("trl_prompt_along_the_preferred_replies", "data_pipeline/export.py",
+           '"prompt": record.history(t),',
+           '"prompt": record.model_copy(update={"turns": [x.model_copy(update={"continued": "preferred"}) '
+           'for x in record.turns]}).history(t),',
+           ("tests/test_export.py::test_trl_rows_are_the_judged_turns_with_their_history_along_the_spine",),
+           "TRL DPO prompts hold the preferred replies instead of the ones the conversation went on with"),
     # --- memory-efficient training paths (issue 16): blockwise attention, stacked layers, chunked log-probs, remat --
     Mutant("blockwise_skips_diagonal_block", "aloe_jax/models/attention.py",
            "m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)",

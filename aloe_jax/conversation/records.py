@@ -3,6 +3,7 @@ it and the trainer that reads it."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import pydantic
@@ -76,3 +77,27 @@ def parse_tree(line: str, where: str = "") -> TreeRecord:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise DataError(f"malformed tree record{' at ' + where if where else ''}: {loc}: {first['msg']}") from None
+
+
+def tree_to_row(record: TreeRecord) -> dict:
+    """A flat, Arrow-friendly row of a tree: `judge` of each turn and `meta` as JSON strings (a judge's raw output is
+    a string or a list, which one Arrow column cannot hold)."""
+    turns = [{**t.model_dump(exclude={"judge"}),
+              "judge": None if t.judge is None else t.judge.model_dump_json()} for t in record.turns]
+    return {"id": record.id, "profile": record.profile, "personality": record.personality, "system": record.system,
+            "turns": turns, "meta": json.dumps(record.meta, ensure_ascii=False)}
+
+
+def row_json(row: dict, where: str = "") -> str:
+    """The TreeRecord JSON of a `tree_to_row` row (validated later, by `parse_tree`)."""
+    try:
+        turns = [{**t, "judge": None if t.get("judge") is None else json.loads(t["judge"])} for t in row["turns"]]
+        meta = json.loads(row["meta"]) if row.get("meta") else {}
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"malformed tree row{' at ' + where if where else ''}: {type(err).__name__}: {err}") from None
+    return json.dumps({**row, "turns": turns, "meta": meta}, ensure_ascii=False)
+
+
+def row_to_tree(row: dict, where: str = "") -> TreeRecord:
+    """The tree a `tree_to_row` row holds; a malformed row is a DataError naming where it came from."""
+    return parse_tree(row_json(row, where), where)

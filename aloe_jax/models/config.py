@@ -95,7 +95,8 @@ class ModelConfig:
         return self.vocab_size * d + self.num_layers * (attn + mlp + norms) + d * (self.norm_type == "rms") + head
 
     def to_hf_dict(self) -> dict:
-        """The HF `config.json` content for this architecture (in the format of the installed transformers)."""
+        """The HF `config.json` content for this architecture, readable by transformers 4.4x and 5: the installed
+        transformers' format plus RoPE in both spellings."""
         from transformers import CONFIG_MAPPING
 
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -127,6 +128,10 @@ class ModelConfig:
         if self.model_type == "olmo":
             kwargs.update(clip_qkv=self.clip_qkv, attention_bias=self.qkv_bias)
         hf = CONFIG_MAPPING[self.model_type](**kwargs).to_dict()
+        # transformers 5 reads `rope_parameters`; 4.x reads only top-level `rope_theta` and `rope_scaling` (without
+        # the theta; null for plain RoPE), and 5 reads those too, ahead of rope_parameters, so they must agree.
+        hf["rope_theta"] = self.rope_theta
+        hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} if self.rope_scaling else None
         hf["architectures"] = [self.architecture]
         hf["torch_dtype"] = hf["dtype"] = self.param_dtype
         return hf

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from aloe_jax.core import storage
 from aloe_jax.core.errors import ModelLoadError
 from aloe_jax.models.config import ModelConfig, config_from_hf
+from aloe_jax.models.tokenizer import save_tokenizer
 
 RUN_INFO_FILE = "aloe_run.json"
 MODEL_DIR = "model"
@@ -45,7 +46,7 @@ def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg:
     model_dir = storage.join(output_dir, MODEL_DIR)
     storage.write_text(storage.join(model_dir, "config.json"), json.dumps(model_cfg.to_hf_dict(), indent=2))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if storage.is_gcs(model_dir):
             storage.upload_dir(tmp, model_dir)
         else:

@@ -103,6 +103,22 @@ def load_tokenizer(path_or_folder: str, model_type: str):
     return tokenizer
 
 
+def save_tokenizer(tokenizer, folder: str) -> None:
+    """`tokenizer.save_pretrained(folder)` (a local folder) in a form transformers 4.x reads too: the chat template
+    inside tokenizer_config.json, and the tokenizer class under a name 4.x knows."""
+    # 4.x releases before chat_template.jinja read the template only from tokenizer_config.json; 5 reads it there too.
+    tokenizer.save_pretrained(folder, save_jinja_files=False)
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    # transformers 5 names its tokenizer.json-backed class TokenizersBackend, which 4.x lacks; both know it as
+    # PreTrainedTokenizerFast (an alias of it in 5).
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(config_file, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+
+
 def _masked_runs(mask: list[int]) -> int:
     return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
 

@@ -20,6 +20,7 @@ from aloe_jax.core import storage
 from aloe_jax.core.errors import ModelLoadError
 from aloe_jax.models.config import ModelConfig
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
+from aloe_jax.models.tokenizer import save_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -209,6 +210,6 @@ def export_hf(model: Decoder, tokenizer, out: str, max_shard_bytes: int = 5 * 2*
         with open(os.path.join(local, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=2)
         if tokenizer is not None:
-            tokenizer.save_pretrained(local)
+            save_tokenizer(tokenizer, local)
         if storage.is_gcs(out):
             storage.upload_dir(local, out)

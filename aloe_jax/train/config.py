@@ -109,7 +109,7 @@ class TrainConfig(StrictModel):
     # closest multiple of a typical mesh to the paper's 48 examples.
     batch_size: int = pydantic.Field(8, gt=0)
     micro_batches: int = pydantic.Field(1, gt=0)  # gradient accumulation: batch_size / micro_batches rows per pass
-    max_steps: int | None = pydantic.Field(None, gt=0)  # None: as many steps as data.num_epochs give
+    max_steps: int | None = pydantic.Field(None, gt=0)  # None: what data.num_epochs give; more repeats the data
     seed: int = 0
     data: DataConfig = DataConfig(path="data/trees/trees.jsonl", seq_len=4096)  # what `aloe-jax trees` writes
     optim: OptimConfig = OptimConfig()

@@ -130,6 +130,7 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     `hooks` after the steps each is due; returns the last logged training metrics."""
     from aloe_jax.core import distributed
     from aloe_jax.train.inputs import pipeline
+    from aloe_jax.train.inputs.sources import open_tree_source
     from aloe_jax.models.loader import DEFAULT_MODEL
     from aloe_jax.models.run_folder import write_run_files
     from aloe_jax.train.checkpoint import Checkpointer
@@ -139,16 +140,19 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     _check_resume_layout(cfg)
     if cfg.log.wandb:
         import_wandb()  # a missing wandb is one line now, not after minutes of loading the model
+    # Open the data before any model loads: a wrong data.path or eval_data.path is one line now, not after minutes.
+    data = pipeline.repeated_for_steps(cfg.data, cfg.batch_size, cfg.max_steps)
+    total_steps = cfg.max_steps or pipeline.count_steps(data, cfg.batch_size)
+    if cfg.eval_data.path:
+        open_tree_source(cfg.eval_data.path, cfg.data.split)
     distributed.maybe_initialize()
     mesh = sharding.make_mesh(cfg.mesh)
     objective = objective_of(cfg)
     model, tokenizer = _load(cfg.model.path, cfg, mesh)
     reference = objective.reference_model if objective.needs_reference else None
     ref_model = _load(reference, cfg, mesh)[0] if reference else None
-    data_steps = pipeline.count_steps(cfg.data, cfg.batch_size)
-    total_steps = min(cfg.max_steps, data_steps) if cfg.max_steps else data_steps
     trainer = Trainer(cfg, model, mesh, total_steps, ref_model)
-    batches = iter(pipeline.tree_batches(cfg.data, tokenizer, cfg.batch_size,
+    batches = iter(pipeline.tree_batches(data, tokenizer, cfg.batch_size,
                                          rejected_branches=objective.rejected_branches))
     hooks = [*hooks_of(cfg, tokenizer, objective.rejected_branches), *hooks]
 

@@ -27,7 +27,7 @@ from aloe_jax.train.inputs.batch import collate
 from aloe_jax.train.inputs.packing import PackedTree, pack_tree
 from aloe_jax.conversation.records import parse_tree
 from aloe_jax.train.inputs.sources import RawTree, open_tree_source
-from aloe_jax.core.errors import ConfigError
+from aloe_jax.core.errors import ConfigError, DataError
 
 # Per-row counters added to every batch next to collate's fields, so the trainer can log what packing cut.
 STAT_FIELDS = ("turns_cut", "tree_dropped")
@@ -133,6 +133,19 @@ def _ordered_records(cfg: DataConfig) -> grain.MapDataset:
         ds = ds.shuffle(seed=cfg.seed)
     # repeat() reseeds the shuffle above for every epoch, so each epoch has its own order.
     return ds.repeat(cfg.num_epochs) if cfg.num_epochs > 1 else ds
+
+
+def repeated_for_steps(cfg: DataConfig, global_rows: int, max_steps: int | None) -> DataConfig:
+    """`cfg` with `num_epochs` raised to the fewest epochs that give `max_steps` global batches, when its own give
+    fewer: like HF's and TRL's, `max_steps` overrides the epoch count instead of being cut short by it."""
+    if max_steps is None:
+        return cfg
+    trees = len(open_tree_source(cfg.path, cfg.split))
+    if not trees:
+        raise DataError(f"tree data {cfg.path!r} holds no trees; max_steps={max_steps} cannot be reached")
+    # Epochs follow each other without padding in between, so E epochs give ceil(E * trees / global_rows) batches.
+    needed = (max_steps - 1) * global_rows // trees + 1
+    return cfg.model_copy(update={"num_epochs": max(cfg.num_epochs, needed)})
 
 
 def count_steps(cfg: DataConfig, global_rows: int) -> int:
