@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from aloe_jax.core import storage
 from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config
 from aloe_jax.core.errors import ConfigError
 
@@ -85,6 +86,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     if not cfg.train or cfg.output_dir is None:
         raise ConfigError("export-trees needs tree files and a folder: export-trees TREES.jsonl [...] --out DIR")
+    storage.require_writable_folder(cfg.output_dir)
     splits = {"train": cfg.train}
     if cfg.eval:
         splits["eval"] = cfg.eval

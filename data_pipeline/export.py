@@ -39,7 +39,7 @@ def read_trees(paths: Sequence[str]) -> list[TreeRecord]:
     records = []
     for path in paths:
         try:
-            text = storage.read_text(path)
+            text = storage.decode_utf8(storage.read_bytes(path), f"tree file {path}")
         except FileNotFoundError:
             raise DataError(f"tree file {path!r} does not exist") from None
         for line_no, line in enumerate(text.split("\n"), start=1):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+import pydantic
 
 from aloe_jax.core.config import StrictModel
 from aloe_jax.train.inputs.batch import collate
@@ -38,13 +39,14 @@ class DataConfig(StrictModel):
 
     path: str  # .jsonl, .array_record, a folder of them, or a TFDS ArrayRecord folder; local or gs://
     split: str = "train"  # TFDS split (ignored for files)
-    seq_len: int = 2048  # tokens per packed row; longer conversations are cut at turn boundaries
-    max_pairs: int = 10  # turns (preference pairs) kept per tree; later turns are cut
+    seq_len: int = pydantic.Field(2048, gt=0)  # tokens per packed row; longer conversations are cut at turn boundaries
+    max_pairs: int = pydantic.Field(10, gt=0)  # turns (preference pairs) kept per tree; later turns are cut
     shuffle: bool = True
     seed: int = 0
     num_epochs: int = 1
-    read_threads: int = 1  # grain reader threads; the HF tokenizer is not safe to share between threads, keep 1
-    prefetch_batches: int = 2
+    # grain reader threads; the HF tokenizer is not safe to share between threads, keep 1
+    read_threads: int = pydantic.Field(1, gt=0)
+    prefetch_batches: int = pydantic.Field(2, gt=0)
 
 
 @dataclasses.dataclass

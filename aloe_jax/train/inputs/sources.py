@@ -84,7 +84,8 @@ class ArrayRecordTreeSource(grain.sources.RandomAccessDataSource):
         return len(self._records)
 
     def __getitem__(self, index: int) -> RawTree:
-        return RawTree(bytes(self._records[index]).decode("utf-8"), f"{self._name} record {index}")
+        where = f"{self._name} record {index}"
+        return RawTree(storage.decode_utf8(bytes(self._records[index]), where), where)
 
     def __repr__(self) -> str:
         return f"ArrayRecordTreeSource({self._name!r}, {len(self)} trees)"
