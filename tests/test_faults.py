@@ -86,7 +86,8 @@ def _trees_config(tmp_path, url: str, turns: int, name: str) -> str:
     roles = {r: {"backend": backend, "generation": {"max_tokens": 8}}
              for r in ("user", "extractor", "hinted", "plain", "judge")}
     cfg = {"seed": 3, "roles": roles,
-           "trees": {"profiles": str(tmp_path / "profiles.jsonl"), "personalities": str(tmp_path / "personalities.jsonl"),
+           "trees": {"profiles": str(tmp_path / "profiles.jsonl"),
+                     "personalities": str(tmp_path / "personalities.jsonl"),
                      "conversations": 1, "turns": turns, "output": str(tmp_path / name / "trees.jsonl"),
                      "state_dir": str(tmp_path / name / "state")}}
     path = tmp_path / f"{name}.json"  # JSON is YAML
@@ -99,7 +100,8 @@ def test_trees_on_an_endpoint_that_turns_malformed_keeps_committed_turns_and_rec
     records = [json.loads(line) for line in (tmp_path / "good" / "trees.jsonl").read_text().splitlines()]
     assert records[0]["meta"]["roles"]["user"] == f"openai:m@http://127.0.0.1:{endpoint.server.server_address[1]}/v1"
     _assert_no_secret_in(tmp_path / "good")
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert SECRET not in printed.out + printed.err  # the usage table names each backend too
 
     # Turn 1 takes as many calls as in the run above; every call of turn 2 gets a malformed 200.
     per_turn, endpoint.requests = endpoint.requests, 0
@@ -147,3 +149,190 @@ def test_eval_on_an_endpoint_that_turns_malformed_resumes_losing_nothing_and_rec
     assert card["simulator"] == f"openai:m@http://127.0.0.1:{endpoint.server.server_address[1]}/v1"
     assert {"summary.json", "report.md", "protocol.json"} <= {p.name for p in out.iterdir()}
     _assert_no_secret_in(out)
+
+
+def _truncate_largest_file(folder: pathlib.Path) -> None:
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from aloe_jax.core.errors import ModelLoadError
+    from aloe_jax.models.decoder import Decoder
+    from aloe_jax.models.run_folder import MODEL_DIR, RUN_INFO_FILE, restore_params
+    from aloe_jax.train.checkpoint import Checkpointer
+    from aloe_jax.train.step import TrainState
+    from tests.test_trainer import tiny_cfg
+
+    # A run folder with checkpoints of steps 2 and 4 (different params), then one params file of step 4 cut short.
+    run_dir = tmp_path / "run"
+    (run_dir / MODEL_DIR).mkdir(parents=True)
+    (run_dir / MODEL_DIR / "config.json").write_text(json.dumps(tiny_cfg().to_hf_dict()))
+    (run_dir / RUN_INFO_FILE).write_text(json.dumps({"objective": "sft", "base_model": "tiny", "model_type": "llama"}))
+    params = nnx.state(Decoder(tiny_cfg(), nnx.Rngs(0)), nnx.Param)
+    saved = {step: TrainState(jnp.asarray(step, jnp.int32), jax.tree.map(lambda x: x * step, params),
+                              {"count": jnp.asarray(step)}, jax.random.PRNGKey(step)) for step in (2, 4)}
+    checkpointer = Checkpointer(str(run_dir))
+    for state in saved.values():
+        checkpointer.save(state, None, {})
+    checkpointer.wait()
+    _truncate_largest_file(run_dir / "checkpoints" / "4" / "params")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved[2])
+
+    def assert_equal(tree, expected):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Loading the run folder as a model: the newest readable step, with one warning line naming the broken one.
+    assert_equal(restore_params(str(run_dir), None, abstract.params), saved[2].params)
+    [warning] = capsys.readouterr().err.splitlines()
+    assert "warning: the checkpoint of step 4" in warning and "unreadable" in warning
+    # Asked for by its folder, the broken step is one line naming it.
+    assert main(["export", str(run_dir / "checkpoints" / "4"), str(tmp_path / "exported")]) == 2
+    [error] = capsys.readouterr().err.splitlines()
+    assert "the checkpoint of step 4" in error and "unreadable" in error
+
+    # Resuming: the newest readable step; the broken newer one is dropped so that step is trained and saved anew.
+    state, step = Checkpointer(str(run_dir)).restore_latest(abstract, None)
+    assert step == 2
+    assert_equal(state, saved[2])
+    assert "step 4" in capsys.readouterr().err
+    checkpointer = Checkpointer(str(run_dir))
+    assert checkpointer.manager.all_steps() == [2]
+    checkpointer.save(saved[4], None, {})
+    checkpointer.wait()
+    assert checkpointer.manager.all_steps() == [2, 4]
+
+    # Nothing readable: one line naming every broken step, for resume and load alike.
+    for step in (2, 4):
+        _truncate_largest_file(run_dir / "checkpoints" / str(step) / "params")
+    with pytest.raises(ModelLoadError, match="no readable checkpoint .*: steps 4, 2 are unreadable"):
+        Checkpointer(str(run_dir)).restore_latest(abstract, None)
+    assert main(["export", str(run_dir), str(tmp_path / "exported")]) == 2
+    assert "no readable checkpoint" in capsys.readouterr().err.splitlines()[-1]
+
+
+def _read_only_folder(tmp_path) -> str:
+    """A folder no file can be created in: mode 0o555, or for root (whom modes do not stop) a sysfs folder."""
+    import os
+
+    if os.geteuid() == 0:
+        return "/sys/kernel"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+def test_user_mistakes_are_one_line_before_anything_loads(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "self.yaml").write_text("base: self.yaml\nseed: 1\n")
+    (tmp_path / "trees.jsonl").write_text('{"id": "a"}\n')
+    read_only = _read_only_folder(tmp_path)
+    cases = [
+        (["sft", f"output_dir={a_file}"], "is a file, not a folder"),
+        (["sft", f"output_dir={read_only}"], "is not a writable folder"),
+        (["eval", "--out", str(a_file)], "is a file, not a folder"),
+        (["eval", "--out", read_only], "is not a writable folder"),
+        (["export-trees", str(tmp_path / "trees.jsonl"), "--out", str(a_file)], "is a file, not a folder"),
+        (["export-trees", str(tmp_path / "trees.jsonl"), "--out", f"{read_only}/out"], "is not a writable folder"),
+        (["sft", "--config", str(tmp_path)], "is a folder: pass one of its YAML files"),
+        (["sft", "--config", str(tmp_path / "binary.yaml")], "is not a UTF-8 text (YAML) file"),
+        (["sft", "--config", str(tmp_path / "self.yaml")], "include each other through base"),
+        *((["sft", f"data.{key}={value}"], f"data.{key}: Input should be greater than 0")
+          for key in ("seq_len", "max_pairs", "read_threads", "prefetch_batches") for value in (0, -1)),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_non_utf8_tree_files_are_one_line_naming_file_and_line(tmp_path, smollm2_tokenizer, capsys):
+    from aloe_jax.core.errors import DataError
+    from aloe_jax.train.inputs.pipeline import DataConfig, tree_batches
+    from tests.test_packing import make_tree
+
+    trees = tmp_path / "trees.jsonl"
+    trees.write_bytes(make_tree(0).model_dump_json().encode() + b"\n" + b'{"id": "caf\xe9"}\n')
+    assert main(["export-trees", str(trees), "--out", str(tmp_path / "out")]) == 2
+    assert f"tree file {trees} line 2 is not UTF-8 text" in _one_error_line(capsys)
+    batches = iter(tree_batches(DataConfig(path=str(trees), seq_len=256, shuffle=False), smollm2_tokenizer, 2))
+    with pytest.raises(DataError, match=f"{trees}:2: not UTF-8"):
+        next(batches)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing_committed(endpoint, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from aloe_jax.core import jsonl_log, storage
+    from aloe_jax.core.errors import AloeError
+    from aloe_jax.train.checkpoint import Checkpointer
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The turn log: the second turn's append finds the disk full; the first turn's records stay, and a rerun on a
+    # disk with space again resumes and finishes.
+    real_fsync, appends = os.fsync, []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("turns.jsonl"):
+            appends.append(fd)
+            if len(appends) == 2:
+                no_space()
+        real_fsync(fd)
+
+    config = _trees_config(tmp_path, endpoint.url, 2, "full")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        assert main(["trees", "--config", config]) == 2
+    assert "error: the disk is full" in _one_error_line(capsys)
+    turns = [r["turn"] for r in jsonl_log.read_complete(str(tmp_path / "full" / "state" / "turns.jsonl"))]
+    assert 0 in turns
+    assert main(["trees", "--config", config]) == 0
+    [tree] = (tmp_path / "full" / "trees.jsonl").read_text().splitlines()
+    assert len(json.loads(tree)["turns"]) == 2
+
+    # A whole-file write leaves the old file as it was.
+    report = tmp_path / "report.md"
+    report.write_text("old")
+    with monkeypatch.context() as patch:
+        real = storage.tempfile.NamedTemporaryFile
+        patch.setattr(storage.tempfile, "NamedTemporaryFile", lambda **kw: _FullFile(real(**kw)))
+        with pytest.raises(AloeError, match="the disk is full: writing .*report.md"):
+            storage.write_text(report, "new")
+    assert report.read_text() == "old" and [p.name for p in tmp_path.glob(".report.md*")] == []
+
+    # A checkpoint save (or the background write of an earlier one) that finds the disk full.
+    checkpointer = Checkpointer(str(tmp_path / "run"))
+    monkeypatch.setattr(checkpointer.manager, "wait_until_finished", no_space)
+    with pytest.raises(AloeError, match="the disk is full"):
+        checkpointer.wait()
+
+
+class _FullFile:
+    """A temporary file on a full disk: created, but no byte can be written to it."""
+
+    def __init__(self, file):
+        self._file, self.name = file, file.name
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()

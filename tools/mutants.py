@@ -46,6 +46,12 @@ _ATTENTION_KERNEL = "tests/test_attention.py::test_blockwise_kernel_equals_dense
 _STACKED = "tests/test_attention.py::test_stacked_layers_round_trip_and_checkpoint_of_a_scan_run_loads_unrolled"
 _WHAT_RUNS = "tests/test_attention.py::test_the_configured_kernel_and_remat_policy_are_what_runs"
 _CHECKPOINT = f"{_TRAINER}::test_checkpoint_restores_onto_another_mesh_with_data_position_and_loads_as_a_model"
+_CORRUPT_CHECKPOINT = "tests/test_faults.py::test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one"
+_FRESH_GCS = "tests/test_storage.py::test_localize_fetches_an_overwritten_object_again"
+_MALFORMED_200 = "tests/test_llm.py::test_a_malformed_200_is_retried_then_one_clear_error"
+_NO_KEY_RECORDED = ("tests/test_llm.py::test_backend_name_holds_no_key_from_the_url",
+                    "tests/test_faults.py::test_trees_on_an_endpoint_that_turns_malformed_keeps_committed_turns_and_"
+                    "records_no_key")
 
 MUTANTS: list[Mutant] = [
     # --- DPO objective and its step -------------------------------------------------------------------------------
@@ -250,7 +256,8 @@ MUTANTS: list[Mutant] = [
            (f"{_TRAINER}::test_schedule_warms_up_then_decays_and_weight_decay_skips_vectors",),
            "linear decay stretched over the warmup steps too"),
     Mutant("checkpoint_rng_not_restored", "aloe_jax/train/checkpoint.py",
-           'restored["opt_state"], restored["loop"]["rng"])', 'restored["opt_state"], jax.random.PRNGKey(0))',
+           'restored["opt_state"],\n                              restored["loop"]["rng"])',
+           'restored["opt_state"],\n                              jax.random.PRNGKey(0))',
            (_CHECKPOINT,), "a resumed run restarts its RNG stream"),
     Mutant("checkpoint_data_position_not_restored", "aloe_jax/train/checkpoint.py",
            'items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)', "pass",
@@ -258,6 +265,13 @@ MUTANTS: list[Mutant] = [
     Mutant("checkpoint_step_folder_loads_latest", "aloe_jax/models/run_folder.py",
            "return _parent(parent), int(name)", "return _parent(parent), None",
            (_CHECKPOINT,), "checkpoints/<step> loads the latest step instead"),
+    Mutant("corrupt_checkpoint_no_fallback", "aloe_jax/models/run_folder.py",
+           "for step in sorted(steps, reverse=True):", "for step in sorted(steps, reverse=True)[:1]:",
+           (_CORRUPT_CHECKPOINT,), "a truncated file in the latest checkpoint stops resume and load though an "
+           "older checkpoint is readable"),
+    Mutant("corrupt_checkpoint_kept_for_resave", "aloe_jax/train/checkpoint.py",
+           "            self.manager.delete(unreadable)", "            pass",
+           (_CORRUPT_CHECKPOINT,), "after falling back, the resumed run cannot save the step it trains again"),
     Mutant("shuffle_ignores_seed", "aloe_jax/train/inputs/pipeline.py",
            "ds = ds.shuffle(seed=cfg.seed)", "ds = ds.shuffle(seed=0)",
            (f"{_PIPELINE}::test_shuffle_is_deterministic_by_seed_and_epochs_cover_every_tree",),
@@ -383,4 +397,19 @@ MUTANTS: list[Mutant] = [
            '-c "$constraints" "$@"', '"$@"',
            ("tests/test_lock.py::test_every_pip_install_of_install_sh_is_held_to_the_lock",),
            "install.sh, CI and TPU workers resolve the newest versions instead of the stack the tests passed with"),
+    # --- fails safely: fresh gs:// reads, malformed endpoint answers, secrets in URLs -------------------------------
+    Mutant("gcs_cache_ignores_generation", "aloe_jax/core/storage.py",
+           "if local.exists() and manifest.get(name) == _version(item):", "if local.exists():",
+           (_FRESH_GCS,), "an overwritten gs:// object (retrained weights) is served stale from the cache"),
+    Mutant("gcs_cache_path_not_confined", "aloe_jax/core/storage.py",
+           'if name.startswith("/") or any(part in ("", ".", "..") for part in parts):', "if False:",
+           ("tests/test_storage.py::test_localize_refuses_object_names_that_leave_the_cache_folder",),
+           "an object named ../../x is written outside the cache folder"),
+    Mutant("empty_choices_accepted", "aloe_jax/llm/openai_backend.py",
+           "elif not choices or choices[0].message is None:", "elif False:",
+           (_MALFORMED_200,), "a 200 with empty choices or no message crashes with a traceback instead of a retry"),
+    Mutant("redaction_keeps_the_query_string", "aloe_jax/core/redact.py",
+           'urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))',
+           'urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, ""))',
+           _NO_KEY_RECORDED, "an API key passed as ?api_key= is copied into protocol cards, tree meta and reports"),
 ]

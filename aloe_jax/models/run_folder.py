@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+from typing import Callable, Sequence, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,6 +32,8 @@ from aloe_jax.models.tokenizer import save_tokenizer
 RUN_INFO_FILE = "aloe_run.json"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
+
+T = TypeVar("T")
 
 
 def absolute(path: str) -> str:
@@ -103,18 +107,52 @@ def array_handler(directory: str) -> ocp.StandardCheckpointHandler:
     return ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt)
 
 
+def _first_line(err: Exception) -> str:
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def restore_step(directory: str, step: int, restore: Callable[[int], T]) -> T:
+    """`restore(step)`, or a ModelLoadError naming the step when its checkpoint cannot be read."""
+    try:
+        return restore(step)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # Orbax and tensorstore raise bare Exceptions for truncated or missing files
+        raise ModelLoadError(f"the checkpoint of step {step} in {directory!r} is unreadable ({_first_line(err)}): "
+                             f"load another step (checkpoints/<step>) or delete this one") from None
+
+
+def restore_newest(directory: str, steps: Sequence[int], restore: Callable[[int], T]) -> tuple[T, int, list[int]]:
+    """(`restore(step)`, step, the newer steps that failed) for the newest of `steps` whose checkpoint reads; a
+    warning line on stderr for each one that does not; a ModelLoadError naming them all when none does."""
+    broken: list[int] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore_step(directory, step, restore), step, broken
+        except ModelLoadError as err:
+            broken.append(step)
+            print(f"aloe-jax: warning: {err}; trying an older step", file=sys.stderr, flush=True)
+    raise ModelLoadError(f"no readable checkpoint in {directory!r}: steps {', '.join(map(str, broken)) or 'none'} "
+                         f"are unreadable (each named above)" if broken else f"no checkpoint in {directory!r}")
+
+
 def restore_params(run_dir: str, step: int | None, abstract_params):
-    """Only the params of checkpoint `step` (latest when None) of a run folder, placed by the shardings in
-    `abstract_params` (ShapeDtypeStruct leaves)."""
+    """Only the params of checkpoint `step` of a run folder, placed by the shardings in `abstract_params`
+    (ShapeDtypeStruct leaves); step None: the newest readable one (an unreadable newer one is a warning)."""
     directory = storage.join(absolute(run_dir), CHECKPOINT_DIR)
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
                                     item_handlers=dict(params=array_handler(directory)))
+
+    def restore(at: int):
+        return manager.restore(at, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
+        if step is None:
+            return restore_newest(directory, manager.all_steps(), restore)[0]
+        if step not in manager.all_steps():
             available = ", ".join(map(str, manager.all_steps())) or "none"
             raise ModelLoadError(f"no checkpoint of step {step} in {directory!r} (saved steps: {available})")
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-        return restored["params"]
+        return restore_step(directory, step, restore)
     finally:
         manager.close()

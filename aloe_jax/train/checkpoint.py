@@ -7,7 +7,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from aloe_jax.core import storage
-from aloe_jax.models.run_folder import CHECKPOINT_DIR, absolute, array_handler
+from aloe_jax.models.run_folder import CHECKPOINT_DIR, absolute, array_handler, restore_newest, restore_step
 
 
 class Checkpointer:
@@ -40,7 +40,11 @@ class Checkpointer:
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            # A background save of an earlier step that failed raises here.
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:
+            raise storage.disk_full(err, self.directory) or err
 
     def restore(self, step: int, abstract_state, data_iterator):
         """The TrainState saved at `step`, placed by the shardings in `abstract_state` (ShapeDtypeStruct leaves);
@@ -56,12 +60,32 @@ class Checkpointer:
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return TrainState(restored["loop"]["step"], restored["params"], restored["opt_state"], restored["loop"]["rng"])
+
+        def restore(at: int) -> TrainState:
+            restored = self.manager.restore(at, args=ocp.args.Composite(**items))
+            return TrainState(restored["loop"]["step"], restored["params"], restored["opt_state"],
+                              restored["loop"]["rng"])
+
+        return restore_step(self.directory, step, restore)
+
+    def restore_latest(self, abstract_state, data_iterator):
+        """(TrainState, step) of the newest readable checkpoint, as `restore` gives it, or None when there is none.
+        Newer unreadable ones are named in a warning line each and deleted: the resumed run trains those steps again
+        and saves them anew (Orbax will not save over a step that exists)."""
+        if self.latest_step() is None:
+            return None
+        state, step, broken = restore_newest(self.directory, self.manager.all_steps(),
+                                             lambda at: self.restore(at, abstract_state, data_iterator))
+        for unreadable in broken:
+            self.manager.delete(unreadable)
+        return state, step
 
     def wait(self) -> None:
         """Block until every queued save is on storage."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise storage.disk_full(err, self.directory) or err
 
     def close(self) -> None:
         self.manager.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from aloe_jax.core import storage
 from aloe_jax.core.cli_args import Alias, add_config_args, command_overrides, load_command_config, printed_config
 from aloe_jax.core.errors import ConfigError, ModelLoadError
 
@@ -36,6 +37,7 @@ def _train(args: argparse.Namespace) -> None:
         return
     from aloe_jax.train.trainer import run
 
+    storage.require_writable_folder(cfg.output_dir)
     run(cfg)
 
 

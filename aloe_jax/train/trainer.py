@@ -157,9 +157,9 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     hooks = [*hooks_of(cfg, tokenizer, objective.rejected_branches), *hooks]
 
     checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
-    latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
-    if latest is not None:
-        state = checkpointer.restore(latest, trainer.abstract_state, batches)
+    resumed = checkpointer.restore_latest(trainer.abstract_state, batches) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        state, latest = resumed
         trainer.release_initial_params()
         print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
     else:
