@@ -52,6 +52,7 @@ _MALFORMED_200 = "tests/test_llm.py::test_a_malformed_200_is_retried_then_one_cl
 _NO_KEY_RECORDED = ("tests/test_llm.py::test_backend_name_holds_no_key_from_the_url",
                     "tests/test_faults.py::test_trees_on_an_endpoint_that_turns_malformed_keeps_committed_turns_and_"
                     "records_no_key")
+_LORA = "tests/test_lora.py"
 
 MUTANTS: list[Mutant] = [
     # --- DPO objective and its step -------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ MUTANTS: list[Mutant] = [
            (_TRAINER,), "accumulated gradient is the loss sum's, not the batch mean's (the loss metric still is)"),
     # --- objectives and trainer hooks -----------------------------------------------------------------------------
     Mutant("dpo_settings_ignored", "aloe_jax/train/objectives.py",
-           "        return cls(cfg.dpo)", "        return cls()",
+           "        return cls(cfg.dpo, reference_is_base=", "        return cls(DPOConfig(), reference_is_base=",
            ("tests/test_objectives.py", f"{_HOOKS}::test_held_out_dpo_loss_and_metrics_equal_the_objective_on_the_"
                                          "first_batches"),
            "the objective looked up from the config ignores its dpo section (β, loss type, reference)"),
@@ -337,7 +338,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_attention.py::test_blockwise_attention_and_chunked_logprobs_equal_dense_for_every_family",),
            "chunked label log-probs read each label one position late"),
     Mutant("checkpoint_layout_not_recorded", "aloe_jax/models/run_folder.py",
-           '"scan_layers": scan_layers}', '"scan_layers": False}',
+           '"scan_layers": scan_layers, "lora": lora}', '"scan_layers": False, "lora": lora}',
            (_STACKED,), "a scan run's folder does not say its layers are stacked: it cannot load as a model"),
     Mutant("remat_policy_ignored_under_scan", "aloe_jax/models/decoder.py",
            "block = _block_fn(graphdef, self.options.remat, in_scan=True)",
@@ -412,4 +413,17 @@ MUTANTS: list[Mutant] = [
            'urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))',
            'urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, ""))',
            _NO_KEY_RECORDED, "an API key passed as ?api_key= is copied into protocol cards, tree meta and reports"),
+    # --- LoRA --------------------------------------------------------------------------------------------------------
+    Mutant("lora_base_not_frozen", "aloe_jax/train/trainer.py",
+           "self.trainable = lora.LoraParam if cfg.lora is not None else None", "self.trainable = None",
+           (f"{_LORA}::test_sft_trains_only_the_adapters_of_the_configured_size",),
+           "a LoRA run trains (and keeps optimizer state for) every base weight too"),
+    Mutant("lora_scale_not_divided_by_rank", "aloe_jax/models/lora.py",
+           "return self.alpha / self.rank", "return self.alpha",
+           (f"{_LORA}::test_checkpoint_resumes_loads_merged_and_exports_merged_and_as_peft",),
+           "adapters scaled by alpha instead of alpha / rank: the PEFT export gives other logits than training did"),
+    Mutant("dpo_reference_keeps_the_adapter", "aloe_jax/train/objectives.py",
+           "            ref_params = lora.adapter_off(params)", "            ref_params = params",
+           (f"{_LORA}::test_dpo_reference_is_the_base_without_the_adapters_and_no_copy_is_held",),
+           "LoRA DPO's reference is the adapted policy itself: every margin stays 0 and nothing is learnt"),
 ]

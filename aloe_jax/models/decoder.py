@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aloe_jax.models import rope
+from aloe_jax.models import lora, rope
 from aloe_jax.models.attention import TreeMask, blockwise_attention, dense_attention, dense_tree_mask
 from aloe_jax.models.config import ModelConfig
 
@@ -119,22 +119,24 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = _param(rngs, (d,), ("norm",), pd, zeros)
 
-    def _project(self, x: jax.Array, name: str) -> jax.Array:
+    def _project(self, x: jax.Array, name: str, dropout_key: jax.Array | None) -> jax.Array:
         dt = x.dtype
-        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+        y = lora.plus_delta(self, name, x, jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt)),
+                            dropout_key)
         if self.cfg.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dt)
         if self.cfg.clip_qkv is not None:
             y = jnp.clip(y, -self.cfg.clip_qkv, self.cfg.clip_qkv)
         return y
 
-    def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None, dropout_key=None):
         """x `[B, T, D]` → (`[B, T, D]`, updated (keys, values) or None). attn_mask: `[B, T, S]` bool, or a
-        TreeMask for packed rows without a cache (then `options.attention` picks the kernel)."""
+        TreeMask for packed rows without a cache (then `options.attention` picks the kernel). dropout_key: LoRA
+        dropout (training only)."""
         inv_freq = rope.inverse_frequencies(self.cfg)
-        q = rope.apply_rope(self._project(x, "q"), positions, inv_freq)
-        k = rope.apply_rope(self._project(x, "k"), positions, inv_freq)
-        v = self._project(x, "v")
+        q = rope.apply_rope(self._project(x, "q", dropout_key), positions, inv_freq)
+        k = rope.apply_rope(self._project(x, "k", dropout_key), positions, inv_freq)
+        v = self._project(x, "v", dropout_key)
         if cache_kv is None:
             k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
             if isinstance(attn_mask, TreeMask):
@@ -152,7 +154,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
             cache_kv = (k, v)
             out = dense_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
+        y = lora.plus_delta(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype)), dropout_key)
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(x.dtype)
         return y, cache_kv
@@ -173,13 +175,14 @@ class MLP(nnx.Module):
             self.up_bias = _param(rngs, (f,), ("mlp",), pd, zeros)
             self.down_bias = _param(rngs, (d,), ("norm",), pd, zeros)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         dt = x.dtype
-        gate = x @ self.gate[...].astype(dt)
-        up = x @ self.up[...].astype(dt)
+        gate = lora.plus_delta(self, "gate", x, x @ self.gate[...].astype(dt), dropout_key)
+        up = lora.plus_delta(self, "up", x, x @ self.up[...].astype(dt), dropout_key)
         if self.use_bias:
             gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
-        y = (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
+        hidden = jax.nn.silu(gate) * up
+        y = lora.plus_delta(self, "down", hidden, hidden @ self.down[...].astype(dt), dropout_key)
         return y + self.down_bias[...].astype(dt) if self.use_bias else y
 
 
@@ -192,10 +195,11 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None):
-        attn_out, cache_kv = self.attn(self.attn_norm(x), positions, attn_mask, cache_kv, cache_index)
+    def __call__(self, x, positions, attn_mask, cache_kv=None, cache_index=None, dropout_key=None):
+        attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        attn_out, cache_kv = self.attn(self.attn_norm(x), positions, attn_mask, cache_kv, cache_index, attn_key)
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), cache_kv
+        return x + self.mlp(self.mlp_norm(x), mlp_key), cache_kv
 
 
 _REMAT_POLICIES = {
@@ -206,12 +210,12 @@ _REMAT_POLICIES = {
 
 
 def _block_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
-    """`f(block_state, x, positions, attn_mask, kv, cache_index) -> (x, kv)`: one block as a pure function, under
-    jax.checkpoint with the remat policy. A pure function rather than nnx.remat: nnx's transform refuses to run
-    inside a trace it did not start (the DPO reference forward under value_and_grad)."""
+    """`f(block_state, x, positions, attn_mask, kv, cache_index, dropout_key) -> (x, kv)`: one block as a pure
+    function, under jax.checkpoint with the remat policy. A pure function rather than nnx.remat: nnx's transform
+    refuses to run inside a trace it did not start (the DPO reference forward under value_and_grad)."""
 
-    def call(state, x, positions, attn_mask, kv, cache_index):
-        return nnx.merge(graphdef, state)(x, positions, attn_mask, kv, cache_index)
+    def call(state, x, positions, attn_mask, kv, cache_index, dropout_key):
+        return nnx.merge(graphdef, state)(x, positions, attn_mask, kv, cache_index, dropout_key)
 
     if remat == "none":
         return call
@@ -270,12 +274,13 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-    def hidden_states(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=None):
+    def hidden_states(self, tokens, positions, attn_mask, cache: KVCache | None = None, cache_index=None,
+                      dropout_key: jax.Array | None = None):
         """Final normalised hidden states `[B, T, D]` and the updated cache.
 
         tokens, positions: `[B, T]` int. attn_mask: `[B, T, S]` bool (S = T without a cache, else the cache
         length), or a TreeMask of packed rows (no cache). With a cache, the T new tokens are written at slots
-        cache_index..cache_index+T-1 (same for every row).
+        cache_index..cache_index+T-1 (same for every row). dropout_key: LoRA dropout of a training step.
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
         if self.options.scan_layers:
@@ -284,15 +289,19 @@ class Decoder(nnx.Module):
                                  "(unstack_layers)")
             graphdef, stacked = nnx.split(self.layers)
             block = _block_fn(graphdef, self.options.remat, in_scan=True)
-            x, _ = jax.lax.scan(lambda h, layer: (block(layer, h, positions, attn_mask, None, None)[0], None),
-                                x, stacked)
+            # Layer i's dropout key is the one the unrolled loop uses, so both layouts drop the same inputs.
+            layer_keys = None if dropout_key is None else \
+                jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(self.cfg.num_layers))
+            x, _ = jax.lax.scan(lambda h, xs: (block(xs[0], h, positions, attn_mask, None, None, xs[1])[0], None),
+                                x, (stacked, layer_keys))
             return self.final_norm(x), None
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             graphdef, state = nnx.split(layer)
+            layer_key = jax.random.fold_in(dropout_key, i) if dropout_key is not None else None
             x, kv = _block_fn(graphdef, self.options.remat, in_scan=False)(state, x, positions, attn_mask, kv,
-                                                                              cache_index)
+                                                                              cache_index, layer_key)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

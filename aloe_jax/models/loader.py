@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from aloe_jax.core import storage
 from aloe_jax.core.errors import ModelLoadError
-from aloe_jax.models import sharding
+from aloe_jax.models import lora, sharding
 from aloe_jax.models.config import read_hf_config
 from aloe_jax.models.decoder import Decoder, RuntimeOptions, stack_layers, unstack_layers
 from aloe_jax.models.presets import HF_PRESETS, preset_config
@@ -29,16 +29,27 @@ def load_model(
     dtype: str = "float32",
     mesh: Mesh | None = None,
     options: RuntimeOptions = RuntimeOptions(),
+    merge_lora: bool = True,
 ) -> tuple[Decoder, object]:
     """(decoder, tokenizer) for `spec`: None/"smollm2" (embedded), a local/gs:// HF folder, or a trainer run
     folder (`<run>`, `<run>/checkpoints`: latest step; `<run>/checkpoints/<step>`: that step), local or gs://.
 
-    With a mesh, parameters are placed on it by the default sharding rules as they load.
+    With a mesh, parameters are placed on it by the default sharding rules as they load. A LoRA run's adapters are
+    merged into the weights, or kept beside them with `merge_lora=False`.
     """
     spec = spec or DEFAULT_MODEL
     model, tokenizer = _load_as_stored(spec, dict(param_dtype=param_dtype, dtype=dtype), mesh,
                                       dataclasses.replace(options, scan_layers=False))
+    if merge_lora:
+        model = lora.merged(model)
     return relayout(model, options, mesh), tokenizer
+
+
+def _abstract_model(cfg, options: RuntimeOptions, lora_cfg: lora.LoraConfig | None) -> Decoder:
+    """A shapes-only decoder, with the adapters of `lora_cfg` when given."""
+    if lora_cfg is None:
+        return abstract_model(cfg, options)
+    return nnx.eval_shape(lambda: lora.add_adapters(Decoder(cfg, nnx.Rngs(0), options), lora_cfg, nnx.Rngs(0)))
 
 
 def relayout(model: Decoder, options: RuntimeOptions, mesh: Mesh | None = None) -> Decoder:
@@ -47,11 +58,11 @@ def relayout(model: Decoder, options: RuntimeOptions, mesh: Mesh | None = None) 
     if model.options.scan_layers == options.scan_layers:
         if model.options == options:
             return model
-        graphdef, _ = nnx.split(abstract_model(model.cfg, options))
+        graphdef, _ = nnx.split(_abstract_model(model.cfg, options, lora.config_of(model)))
         return nnx.merge(graphdef, nnx.state(model))
     state = nnx.state(model)
     state = stack_layers(state, model.cfg.num_layers) if options.scan_layers else unstack_layers(state)
-    abstract = abstract_model(model.cfg, options)
+    abstract = _abstract_model(model.cfg, options, lora.config_of(model))
     if mesh is not None:
         sharding_of = sharding.param_shardings(abstract, mesh)
         state = nnx.from_flat_state([(path, v.replace(jax.device_put(v[...], sharding_of(path))))
@@ -98,10 +109,12 @@ def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: Runtim
     run_dir, step = found
     cfg = read_model_config(run_dir, **dtypes)
     # A run trained with scan_layers saved stacked layers: restore them as saved; load_model converts afterwards.
-    options = dataclasses.replace(options, scan_layers=read_run_info(run_dir).get("scan_layers", False))
-    graphdef, abstract = nnx.split(abstract_model(cfg, options))
+    info = read_run_info(run_dir)
+    options = dataclasses.replace(options, scan_layers=info.get("scan_layers", False))
+    lora_cfg = lora.LoraConfig(**info["lora"]) if info.get("lora") else None
+    graphdef, abstract = nnx.split(_abstract_model(cfg, options, lora_cfg))
     if mesh is not None:
-        sharding_of = sharding.param_shardings(abstract_model(cfg, options), mesh)
+        sharding_of = sharding.param_shardings(_abstract_model(cfg, options, lora_cfg), mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         sharding_of = lambda path: device  # noqa: E731

@@ -42,9 +42,9 @@ def absolute(path: str) -> str:
 
 
 def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg: ModelConfig, tokenizer,
-                    scan_layers: bool = False) -> None:
+                    scan_layers: bool = False, lora: dict | None = None) -> None:
     """Write aloe_run.json and model/ (config.json + tokenizer) into a run folder (process 0 only); `scan_layers`
-    records that the checkpoints hold stacked layers."""
+    records that the checkpoints hold stacked layers, `lora` the LoRA config whose adapters they hold."""
     if jax.process_index() != 0:
         return
     model_dir = storage.join(output_dir, MODEL_DIR)
@@ -57,7 +57,7 @@ def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg:
             for name in os.listdir(tmp):
                 storage.write_bytes(os.path.join(model_dir, name), storage.read_bytes(os.path.join(tmp, name)))
     info = {"objective": objective, "base_model": base_model, "model_type": model_cfg.model_type,
-            "scan_layers": scan_layers}
+            "scan_layers": scan_layers, "lora": lora}
     storage.write_text(storage.join(output_dir, RUN_INFO_FILE), json.dumps(info, indent=2))
 
 

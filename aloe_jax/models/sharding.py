@@ -31,6 +31,7 @@ DEFAULT_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,  # the stacked layer axis of a scan_layers model: every device holds its share of every layer
+    "lora_rank": None,  # a LoRA adapter's rank: a few numbers per row, split only along the weight's own axes
 }
 
 

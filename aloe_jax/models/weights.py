@@ -18,12 +18,15 @@ from flax import nnx
 
 from aloe_jax.core import storage
 from aloe_jax.core.errors import ModelLoadError
+from aloe_jax.models import lora
 from aloe_jax.models.config import ModelConfig
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
 from aloe_jax.models.tokenizer import save_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 # kind → (HF array → ours, ours → HF array); `shape` is our parameter's shape.
 _Converters = tuple[Callable[[np.ndarray, tuple], np.ndarray], Callable[[np.ndarray], np.ndarray]]
@@ -191,6 +194,56 @@ def save_safetensors(tensors: dict[str, np.ndarray], folder: str, max_shard_byte
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
     with open(os.path.join(folder, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def _hf_module(target: str) -> str:
+    """The HF module path of one of our projections inside a layer (`self_attn.q_proj`, `mlp.down_proj`)."""
+    return f"{'self_attn' if lora.PROJECTIONS[target][0] == 'attn' else 'mlp'}.{target}_proj"
+
+
+def peft_tensors(model: Decoder) -> dict[str, np.ndarray]:
+    """The LoRA adapters of an (unrolled) decoder under PEFT's names for a transformers causal LM: lora_A `[rank,
+    in]`, lora_B `[out, rank]` in PyTorch Linear layout."""
+    flat = dict(nnx.to_flat_state(nnx.filter_state(nnx.state(model), lora.LoraParam)))
+    tensors = {}
+    for i in range(model.cfg.num_layers):
+        for target, (parent, _) in lora.PROJECTIONS.items():
+            a = flat.get(("layers", i, parent, f"{target}_lora_a"))
+            if a is None:
+                continue
+            b = flat[("layers", i, parent, f"{target}_lora_b")]
+            a, b = _host_array(a[...]), _host_array(b[...])
+            prefix = f"base_model.model.model.layers.{i}.{_hf_module(target)}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)  # [rank, in]
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)  # [out, rank]
+    return tensors
+
+
+def export_peft(model: Decoder, out: str, base_model: str) -> None:
+    """Write a decoder's LoRA adapters as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    that `peft.PeftModel.from_pretrained(<base_model loaded in transformers>, out)` loads. `out` may be gs://."""
+    from safetensors.numpy import save_file
+
+    cfg = lora.config_of(model)
+    if cfg is None:
+        raise ModelLoadError("the model has no LoRA adapters to export: export it without --adapter")
+    tensors = peft_tensors(model)
+    if jax.process_index() != 0:
+        return
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
+        "target_modules": [f"{t}_proj" for t in cfg.targets], "fan_in_fan_out": False, "inference_mode": True,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = out if not storage.is_gcs(out) else tmp
+        os.makedirs(local, exist_ok=True)
+        save_file(tensors, os.path.join(local, ADAPTER_FILE), metadata={"format": "pt"})
+        with open(os.path.join(local, ADAPTER_CONFIG_FILE), "w") as f:
+            json.dump(adapter_config, f, indent=2)
+        if storage.is_gcs(out):
+            storage.upload_dir(local, out)
 
 
 def export_hf(model: Decoder, tokenizer, out: str, max_shard_bytes: int = 5 * 2**30) -> None:

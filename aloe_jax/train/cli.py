@@ -20,6 +20,8 @@ EXPORT_ALIASES = (
     Alias("checkpoint", "model.path", "run folder, its checkpoints folder, or checkpoints/<step> (local or gs://)"),
     Alias("out", "output_dir", "output HF folder (local or gs://)"),
     Alias("--dtype", "model.dtype", "dtype of the exported weights", choices=DTYPES),
+    Alias("--adapter", "adapter", "a LoRA run's adapters only, as a PEFT adapter folder (default: merged weights)",
+          const=True),
 )
 
 
@@ -35,9 +37,9 @@ def _train(args: argparse.Namespace) -> None:
     cfg.objective = args.command
     if printed_config(cfg, args):
         return
+    storage.require_writable_folder(cfg.output_dir)
     from aloe_jax.train.trainer import run
 
-    storage.require_writable_folder(cfg.output_dir)
     run(cfg)
 
 
@@ -48,8 +50,8 @@ def _export(args: argparse.Namespace) -> None:
     if printed_config(cfg, args):
         return
     from aloe_jax.models.loader import load_model
-    from aloe_jax.models.run_folder import resolve_checkpoint
-    from aloe_jax.models.weights import export_hf
+    from aloe_jax.models.run_folder import read_run_info, resolve_checkpoint
+    from aloe_jax.models.weights import export_hf, export_peft
 
     if not cfg.model.path or cfg.output_dir is None:
         raise ConfigError("export needs a trainer run folder and an output folder: export RUN OUT")
@@ -58,9 +60,16 @@ def _export(args: argparse.Namespace) -> None:
             f"{cfg.model.path!r} is not a trainer run folder (no aloe_run.json): pass the run's output_dir, its "
             "checkpoints folder or one checkpoints/<step> folder"
         )
-    model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
-    export_hf(model, tokenizer, cfg.output_dir)
-    print(f"exported {cfg.model.path} to {cfg.output_dir}", flush=True)
+    run_info = read_run_info(resolve_checkpoint(cfg.model.path)[0])
+    if cfg.adapter and not run_info.get("lora"):
+        raise ConfigError(f"{cfg.model.path!r} is not a LoRA run (no lora in its config): export it without --adapter")
+    model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype,
+                                  merge_lora=not cfg.adapter)
+    if cfg.adapter:
+        export_peft(model, cfg.output_dir, run_info["base_model"])
+    else:
+        export_hf(model, tokenizer, cfg.output_dir)
+    print(f"exported {cfg.model.path} to {cfg.output_dir}{' (LoRA adapter)' if cfg.adapter else ''}", flush=True)
 
 
 def register(commands) -> None:
@@ -70,6 +79,7 @@ def register(commands) -> None:
         parser = commands.add_parser(name, help=f"{what} (tree-packed, sharded, resumable)")
         add_config_args(parser, name, TRAIN_ALIASES)
         parser.set_defaults(run=_train)
-    export = commands.add_parser("export", help="write a trainer checkpoint's params as an HF model folder")
+    export = commands.add_parser("export", help="write a trainer checkpoint's params as an HF model folder (or a "
+                                 "LoRA run's adapters as a PEFT adapter folder)")
     add_config_args(export, None, EXPORT_ALIASES)
     export.set_defaults(run=_export)

@@ -8,6 +8,7 @@ import pydantic
 
 from aloe_jax.core.config import StrictModel
 from aloe_jax.llm.roles import DType, LocalModel
+from aloe_jax.models.lora import LoraConfig
 from aloe_jax.models.sharding import MeshConfig
 from aloe_jax.train.inputs.pipeline import DataConfig
 
@@ -23,10 +24,12 @@ class TrainedModel(LocalModel):
 
 
 class ExportConfig(StrictModel):
-    """`aloe-jax export`: a trainer checkpoint's weights, in `model.dtype`, as an HF model folder."""
+    """`aloe-jax export`: a trainer checkpoint's weights, in `model.dtype`, as an HF model folder (a LoRA run's
+    adapters merged in), or a LoRA run's adapters as a PEFT adapter folder."""
 
     model: LocalModel = LocalModel(path="")  # run folder, its checkpoints folder, or checkpoints/<step>
     output_dir: str | None = None  # the HF folder (local or gs://)
+    adapter: bool = False  # write only the LoRA adapters, as a PEFT adapter folder (base: the run's base model)
 
 
 class OptimConfig(StrictModel):
@@ -117,6 +120,7 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval_data: EvalDataConfig = EvalDataConfig()
+    lora: LoraConfig | None = None  # train LoRA adapters on a frozen base instead of every weight; None = off
 
     @pydantic.field_validator("remat", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aloe_jax.models import lora
 from aloe_jax.models.attention import TreeMask
 from aloe_jax.models.config import ModelConfig
 from aloe_jax.train import losses
@@ -35,12 +36,14 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> float:
     return 2 * matmul_params + attention
 
 
-def batch_label_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:
-    """`[rows, seq]` float32 log p(label) of every position of the packed rows of `batch`, under `params`."""
+def batch_label_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
+                         dropout_key: jax.Array | None = None) -> jax.Array:
+    """`[rows, seq]` float32 log p(label) of every position of the packed rows of `batch`, under `params` (with LoRA
+    dropout when a key is given)."""
     model = nnx.merge(graphdef, params)
     # The mask goes in as per-token segments: the model builds it per attention block, or whole for dense attention.
     mask = TreeMask(batch["segment"], batch["visible_prefix"])
-    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], mask)
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], mask, dropout_key=dropout_key)
     return model.label_logprobs(hidden, batch["labels"])
 
 
@@ -64,10 +67,17 @@ class Objective(abc.ABC):
         """Model spec of the frozen reference, or None for a copy of the starting policy."""
         return None
 
+    @property
+    def holds_reference(self) -> bool:
+        """Whether the trainer must hold reference params for `loss_sums` (not when the reference is the policy's
+        base without its LoRA adapters)."""
+        return self.needs_reference
+
     @abc.abstractmethod
-    def loss_sums(self, graphdef: nnx.GraphDef, params: nnx.State, ref_params: nnx.State | None,
-                  batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(loss summed over the batch's targets, {"weight": their count, metric: metric summed over them})."""
+    def loss_sums(self, graphdef: nnx.GraphDef, params: nnx.State, ref_params: nnx.State | None, batch: dict,
+                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss summed over the batch's targets, {"weight": their count, metric: metric summed over them});
+        `dropout_key` is given in training steps only."""
 
     def flops_per_token(self, cfg: ModelConfig, seq_len: int) -> float:
         """Model FLOPs of one optimizer step per packed token of `seq_len`-token rows."""
@@ -88,8 +98,8 @@ class SFT(Objective):
     def from_config(cls, cfg: TrainConfig) -> "SFT":
         return cls()
 
-    def loss_sums(self, graphdef, params, ref_params, batch):
-        loss, weight = losses.sft_loss(batch_label_logprobs(graphdef, params, batch), batch["sft_weight"])
+    def loss_sums(self, graphdef, params, ref_params, batch, dropout_key=None):
+        loss, weight = losses.sft_loss(batch_label_logprobs(graphdef, params, batch, dropout_key), batch["sft_weight"])
         return loss, {"weight": weight}
 
 
@@ -108,9 +118,11 @@ def pair_logprobs(token_logps: jax.Array, batch: dict, length_normalise: bool) -
 @dataclasses.dataclass(frozen=True)
 class DPO(Objective):
     """Direct preference optimisation on each judged turn's (preferred, rejected) pair against a frozen reference,
-    with the loss type, β and label smoothing of `config`."""
+    with the loss type, β and label smoothing of `config`; with `reference_is_base`, the reference is the policy's
+    own params with the LoRA adapters switched off."""
 
     config: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    reference_is_base: bool = False
     name: ClassVar[str] = "dpo"
     batch_fields: ClassVar[tuple[str, ...]] = (*FORWARD_FIELDS, "reply_index", "pair_chosen", "pair_rejected",
                                                "pair_weight")
@@ -120,15 +132,21 @@ class DPO(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "DPO":
-        return cls(cfg.dpo)
+        return cls(cfg.dpo, reference_is_base=cfg.lora is not None and cfg.dpo.reference is None)
 
     @property
     def reference_model(self) -> str | None:
         return self.config.reference
 
-    def loss_sums(self, graphdef, params, ref_params, batch):
+    @property
+    def holds_reference(self) -> bool:
+        return not self.reference_is_base
+
+    def loss_sums(self, graphdef, params, ref_params, batch, dropout_key=None):
         dpo = self.config
-        logps = batch_label_logprobs(graphdef, params, batch)
+        logps = batch_label_logprobs(graphdef, params, batch, dropout_key)
+        if self.reference_is_base:
+            ref_params = lora.adapter_off(params)
         # The reference log-probs are computed here, per micro-batch, with the frozen reference params rather than
         # in a separate pass before training: one extra forward (about a third of a training step's compute) costs
         # less than a full pass over the data plus storing and re-joining per-pair values with a shuffled, packed,

@@ -32,16 +32,33 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 [2]: split once per step, so any stochastic part of a step resumes exactly
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """Step 0: fresh optimizer state for `params` (which it shares, so do not donate them elsewhere)."""
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+def split_trainable(params: nnx.State, trainable: nnx.filterlib.Filter | None) -> tuple[nnx.State, nnx.State | None]:
+    """(the parameters the optimizer updates, the frozen rest or None when every parameter trains)."""
+    if trainable is None:
+        return params, None
+    return nnx.split_state(params, trainable, ...)
+
+
+def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
+    """The inverse of `split_trainable`."""
+    return trainable if frozen is None else nnx.merge_state(trainable, frozen)
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int,
+               trainable: nnx.filterlib.Filter | None = None) -> TrainState:
+    """Step 0: fresh optimizer state for the `trainable` part of `params` (all when None) — a frozen base gets none;
+    `params` is shared, so do not donate it elsewhere."""
+    opt_state = tx.init(split_trainable(params, trainable)[0])
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(seed))
 
 
 def train_state_shardings(params_shardings: nnx.State, abstract_state: TrainState,
-                          tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Shardings of a TrainState: optimizer moments like their parameters, counters replicated."""
+                          tx: optax.GradientTransformation, mesh: Mesh,
+                          trainable: nnx.filterlib.Filter | None = None) -> TrainState:
+    """Shardings of a TrainState: optimizer moments like their (trainable) parameters, counters replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params_shardings,
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state,
+                                split_trainable(params_shardings, trainable)[0],
                                 transform_non_params=lambda _: replicated)
     return TrainState(replicated, params_shardings, opt, replicated)
 
@@ -53,19 +70,22 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
-    """What every step function of a run is built from: the model's graph, the objective, and how a global batch is
-    split (micro-batches) and placed (mesh)."""
+    """What every step function of a run is built from: the model's graph, the objective, how a global batch is
+    split (micro-batches) and placed (mesh), which parameters train (a filter; None = all) and whether training
+    steps draw dropout keys (LoRA dropout)."""
 
     graphdef: nnx.GraphDef
     objective: Objective
     micro_batches: int
     mesh: Mesh
+    trainable: nnx.filterlib.Filter | None = None
+    dropout: bool = False
 
 
-def micro_batch_sums(ctx: StepContext, params: nnx.State, ref_params: nnx.State | None,
-                     batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+def micro_batch_sums(ctx: StepContext, params: nnx.State, ref_params: nnx.State | None, batch: dict,
+                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(the objective's loss sum, its weight and metric sums plus the count of real `tokens`) of one micro-batch."""
-    loss, sums = ctx.objective.loss_sums(ctx.graphdef, params, ref_params, batch)
+    loss, sums = ctx.objective.loss_sums(ctx.graphdef, params, ref_params, batch, dropout_key)
     return loss, {**sums, "tokens": jnp.sum(batch["segment"] >= 0).astype(jnp.float32)}
 
 
@@ -90,14 +110,15 @@ def _split_micro_batches(batch: dict, micro_batches: int, mesh: Mesh) -> dict:
     return {name: split(value) for name, value in batch.items()}
 
 
-def _micro_batch_totals(ctx: StepContext, sums_of: Callable, zeros, batch: dict):
-    """`sums_of(micro_batch)` added up over the micro-batches of `batch`, starting from `zeros` (its tree shape)."""
+def _micro_batch_totals(ctx: StepContext, sums_of: Callable, zeros, batch: dict, keys: jax.Array | None = None):
+    """`sums_of(micro_batch, key)` added up over the micro-batches of `batch` (one of `keys` each, or None),
+    starting from `zeros` (its tree shape)."""
     micro = _split_micro_batches(batch, ctx.micro_batches, ctx.mesh)
 
-    def accumulate(totals, micro_batch):
-        return jax.tree.map(jnp.add, totals, sums_of(micro_batch)), None
+    def accumulate(totals, xs):
+        return jax.tree.map(jnp.add, totals, sums_of(*xs)), None
 
-    return jax.lax.scan(accumulate, zeros, micro)[0]
+    return jax.lax.scan(accumulate, zeros, (micro, keys))[0]
 
 
 def _zero_sums(ctx: StepContext, params: nnx.State, ref_params: nnx.State | None, batch: dict) -> dict:
@@ -108,17 +129,22 @@ def _zero_sums(ctx: StepContext, params: nnx.State, ref_params: nnx.State | None
 
 
 def make_grad_fn(ctx: StepContext) -> Callable:
-    """`grad_fn(params, ref_params, batch) -> (grads, metrics)`: gradients of the batch's mean loss (per target
-    token or pair of the *whole* batch), accumulated over micro-batches; metrics are batch means plus counts."""
-    value_and_grad = jax.value_and_grad(lambda p, r, b: micro_batch_sums(ctx, p, r, b), has_aux=True)
+    """`grad_fn(params, ref_params, batch, rng=None) -> (grads, metrics)`: gradients of the batch's mean loss (per
+    target token or pair of the *whole* batch) with respect to the trainable params, accumulated over micro-batches;
+    metrics are batch means plus counts. `rng` seeds dropout when `ctx.dropout`."""
+    value_and_grad = jax.value_and_grad(
+        lambda t, f, r, b, k: micro_batch_sums(ctx, join_trainable(t, f), r, b, k), has_aux=True)
 
-    def grad_fn(params: nnx.State, ref_params: nnx.State | None, batch: dict):
-        def sums_of(micro_batch):
-            (loss, sums), grads = value_and_grad(params, ref_params, micro_batch)
+    def grad_fn(params: nnx.State, ref_params: nnx.State | None, batch: dict, rng: jax.Array | None = None):
+        trainable, frozen = split_trainable(params, ctx.trainable)
+        keys = jax.random.split(rng, ctx.micro_batches) if ctx.dropout and rng is not None else None
+
+        def sums_of(micro_batch, key):
+            (loss, sums), grads = value_and_grad(trainable, frozen, ref_params, micro_batch, key)
             return grads, {**sums, "loss": loss}
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), _zero_sums(ctx, params, ref_params, batch))
-        grads, totals = _micro_batch_totals(ctx, sums_of, zeros, batch)
+        zeros = (jax.tree.map(jnp.zeros_like, trainable), _zero_sums(ctx, params, ref_params, batch))
+        grads, totals = _micro_batch_totals(ctx, sums_of, zeros, batch, keys)
         metrics = batch_means(totals)
         return jax.tree.map(lambda g: g / metrics["targets"], grads), metrics
 
@@ -130,7 +156,7 @@ def make_loss_sums_fn(ctx: StepContext) -> Callable:
     gradients), micro-batched as training is; add totals of several batches up, then `batch_means` them."""
 
     def loss_sums_fn(params: nnx.State, ref_params: nnx.State | None, batch: dict) -> dict:
-        def sums_of(micro_batch):
+        def sums_of(micro_batch, _):
             loss, sums = micro_batch_sums(ctx, params, ref_params, micro_batch)
             return {**sums, "loss": loss}
 
@@ -144,10 +170,11 @@ def make_train_step(ctx: StepContext, tx: optax.GradientTransformation, schedule
     grad_fn = make_grad_fn(ctx)
 
     def step(state: TrainState, batch: dict, ref_params: nnx.State | None):
-        grads, metrics = grad_fn(state.params, ref_params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rng, _ = jax.random.split(state.rng)
+        rng, dropout_rng = jax.random.split(state.rng)
+        grads, metrics = grad_fn(state.params, ref_params, batch, dropout_rng)
+        trainable, frozen = split_trainable(state.params, ctx.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = join_trainable(optax.apply_updates(trainable, updates), frozen)
         metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 

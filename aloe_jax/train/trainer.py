@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aloe_jax.core.errors import ConfigError
-from aloe_jax.models import sharding
+from aloe_jax.models import lora, sharding
 from aloe_jax.models.decoder import Decoder, RuntimeOptions
 from aloe_jax.train import optim
 from aloe_jax.train.config import TrainConfig
@@ -23,7 +23,7 @@ from aloe_jax.train.hooks import Hook
 from aloe_jax.train.inputs.pipeline import global_batch
 from aloe_jax.train.objectives import objective_of
 from aloe_jax.train.step import (StepContext, TrainState, compile_train_step, init_state, make_loss_sums_fn,
-                                 make_train_step, train_state_shardings)
+                                 make_train_step, split_trainable, train_state_shardings)
 
 
 class Trainer:
@@ -40,20 +40,29 @@ class Trainer:
                 f"= {batch_devices}; change batch_size, micro_batches or mesh"
             )
         self.cfg, self.mesh, self.total_steps, self.model_cfg = cfg, mesh, total_steps, model.cfg
+        # With LoRA the model gets its adapters before the split, and only they train (no optimizer state for the
+        # base); a reference model gets zero-effect adapters too, so that it fits the policy's graph.
+        self.trainable = lora.LoraParam if cfg.lora is not None else None
+        for adapted in ([model, ref_model] if cfg.lora is not None else []):
+            if adapted is not None:
+                sharding.shard_model(lora.add_adapters(adapted, cfg.lora, nnx.Rngs(cfg.seed)), mesh)
         self.graphdef, self._params = nnx.split(model)
+        self.num_params = sum(x.size for x in jax.tree.leaves(self._params))
+        self.num_trainable = sum(x.size for x in jax.tree.leaves(split_trainable(self._params, self.trainable)[0]))
         self.param_shardings = sharding.param_state_shardings(model, mesh)
         self.schedule = optim.learning_rate_schedule(cfg.optim, total_steps)
         self.tx = optim.make_optimizer(cfg.optim, total_steps)
         self.objective = objective_of(cfg)
         self.ref_params = None
-        if self.objective.needs_reference:
+        if self.objective.holds_reference:
             # A frozen copy of its own: the policy's buffers are donated to (and overwritten by) every step.
             self.ref_params = nnx.split(ref_model)[1] if ref_model is not None else jax.tree.map(jnp.copy, self._params)
-        abstract = jax.eval_shape(lambda p: init_state(p, self.tx, cfg.seed), self._params)
-        self.shardings = train_state_shardings(self.param_shardings, abstract, self.tx, mesh)
+        abstract = jax.eval_shape(lambda p: init_state(p, self.tx, cfg.seed, self.trainable), self._params)
+        self.shardings = train_state_shardings(self.param_shardings, abstract, self.tx, mesh, self.trainable)
         self.abstract_state = jax.tree.map(
             lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract, self.shardings)
-        context = StepContext(self.graphdef, self.objective, cfg.micro_batches, mesh)
+        dropout = cfg.lora is not None and cfg.lora.dropout > 0
+        context = StepContext(self.graphdef, self.objective, cfg.micro_batches, mesh, self.trainable, dropout)
         self._step_fn = make_train_step(context, self.tx, self.schedule)
         self._loss_sums = jax.jit(make_loss_sums_fn(context), out_shardings=NamedSharding(mesh, PartitionSpec()))
         self._compiled = None
@@ -61,7 +70,7 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Step 0 state placed on the mesh (takes over the model's parameter buffers)."""
         params, self._params = self._params, None
-        init = jax.jit(lambda p: init_state(p, self.tx, self.cfg.seed), out_shardings=self.shardings,
+        init = jax.jit(lambda p: init_state(p, self.tx, self.cfg.seed, self.trainable), out_shardings=self.shardings,
                        donate_argnums=(0,))
         return init(params)
 
@@ -112,17 +121,23 @@ def _load(spec: str | None, cfg: TrainConfig, mesh: Mesh):
 
 
 def _check_resume_layout(cfg: TrainConfig) -> None:
-    """A run folder's checkpoints hold layers in the layout they were trained with: resuming with the other
-    scan_layers setting cannot restore them, so say so before anything loads."""
+    """A run folder's checkpoints hold layers in the layout they were trained with, and the LoRA adapters it was
+    trained with: resuming with another scan_layers or lora setting cannot restore them, so say so before anything
+    loads."""
     from aloe_jax.core import storage
     from aloe_jax.models.run_folder import RUN_INFO_FILE, read_run_info
 
     if not cfg.checkpoint.resume or not storage.exists(storage.join(cfg.output_dir, RUN_INFO_FILE)):
         return
-    saved = read_run_info(cfg.output_dir).get("scan_layers", False)
+    info = read_run_info(cfg.output_dir)
+    saved = info.get("scan_layers", False)
     if saved != cfg.scan_layers:
         raise ConfigError(f"output_dir {cfg.output_dir!r} was trained with scan_layers={str(saved).lower()}; resume "
                           f"it with scan_layers={str(saved).lower()} (or use a new output_dir)")
+    saved_lora = info.get("lora")
+    if saved_lora != (cfg.lora.model_dump(mode="json") if cfg.lora is not None else None):
+        raise ConfigError(f"output_dir {cfg.output_dir!r} was trained with lora={saved_lora}; resume it with that "
+                          f"lora setting (or use a new output_dir)")
 
 
 def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
@@ -152,6 +167,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     reference = objective.reference_model if objective.needs_reference else None
     ref_model = _load(reference, cfg, mesh)[0] if reference else None
     trainer = Trainer(cfg, model, mesh, total_steps, ref_model)
+    if jax.process_index() == 0:
+        print(f"trainable parameters: {trainer.num_trainable:,} of {trainer.num_params:,}", flush=True)
     batches = iter(pipeline.tree_batches(data, tokenizer, cfg.batch_size,
                                          rejected_branches=objective.rejected_branches))
     hooks = [*hooks_of(cfg, tokenizer, objective.rejected_branches), *hooks]
@@ -165,7 +182,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     else:
         state = trainer.init_state()
         write_run_files(cfg.output_dir, objective.name, cfg.model.path or DEFAULT_MODEL, model.cfg, tokenizer,
-                        scan_layers=cfg.scan_layers)
+                        scan_layers=cfg.scan_layers,
+                        lora=cfg.lora.model_dump(mode="json") if cfg.lora is not None else None)
     del model  # its buffers now belong to `state`
 
     start = int(jax.device_get(state.step))
