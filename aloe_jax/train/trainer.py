@@ -43,8 +43,8 @@ class Trainer:
         # With LoRA the model gets its adapters before the split, and only they train (no optimizer state for the
         # base); a reference model gets zero-effect adapters too, so that it fits the policy's graph.
         self.trainable = lora.LoraParam if cfg.lora is not None else None
-        for adapted in ([model, ref_model] if cfg.lora is not None else []):
-            if adapted is not None:
+        if cfg.lora is not None:
+            for adapted in (model,) if ref_model is None or ref_model is model else (model, ref_model):
                 sharding.shard_model(lora.add_adapters(adapted, cfg.lora, nnx.Rngs(cfg.seed)), mesh)
         self.graphdef, self._params = nnx.split(model)
         self.num_params = sum(x.size for x in jax.tree.leaves(self._params))
