@@ -260,6 +260,10 @@ def test_schedule_warms_up_then_decays_and_weight_decay_skips_vectors():
     assert float(schedule(14)) == pytest.approx(0.1)
     cosine = optim.learning_rate_schedule(cfg.model_copy(update={"schedule": "cosine"}), total_steps=14)
     assert float(cosine(9)) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine at its midpoint is the mean of the ends
+    constant = optim.learning_rate_schedule(cfg.model_copy(update={"schedule": "constant"}), total_steps=14)
+    assert [float(constant(s)) for s in (0, 2, 4, 13)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    no_warmup = optim.learning_rate_schedule(cfg.model_copy(update={"schedule": "constant", "warmup_steps": 0}), 14)
+    assert [float(no_warmup(s)) for s in (0, 7)] == pytest.approx([1.0, 1.0])  # trains from the first step
     # Zero gradients: only weight decay moves parameters, and only the matrices.
     params = {"matrix": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
     tx = optim.make_optimizer(cfg, total_steps=14)

@@ -15,10 +15,10 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end)
-    if cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, end, max(total_steps - warmup, 1))
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
-    return optax.warmup_constant_schedule(0.0, cfg.lr, warmup)
+    # After the warmup: linear decay or a constant. (optax.warmup_constant_schedule stays at 0 when warmup is 0.)
+    after = (optax.linear_schedule(cfg.lr, end, max(total_steps - warmup, 1)) if cfg.schedule == "linear"
+             else optax.constant_schedule(cfg.lr))
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
 def decay_mask(params):
