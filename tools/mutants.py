@@ -71,6 +71,10 @@ MUTANTS: list[Mutant] = [
     Mutant("grads_not_normalised", "aloe_jax/train/step.py",
            'return jax.tree.map(lambda g: g / metrics["targets"], grads), metrics', "return grads, metrics",
            (_TRAINER,), "accumulated gradient is the loss sum's, not the batch mean's (the loss metric still is)"),
+    Mutant("constant_schedule_never_warms_up", "aloe_jax/train/optim.py",
+           "else optax.constant_schedule(cfg.lr))", "else optax.warmup_constant_schedule(0.0, cfg.lr, warmup))",
+           (f"{_TRAINER}::test_schedule_warms_up_then_decays_and_weight_decay_skips_vectors",),
+           "schedule: constant with no warmup keeps the learning rate at 0: nothing trains"),
     # --- objectives and trainer hooks -----------------------------------------------------------------------------
     Mutant("dpo_settings_ignored", "aloe_jax/train/objectives.py",
            "        return cls(cfg.dpo, reference_is_base=", "        return cls(DPOConfig(), reference_is_base=",
