@@ -2,15 +2,15 @@
 committed: an endpoint answering malformed 200s, a corrupt latest checkpoint, unwritable output folders, bad configs, a
 full disk, undecodable tree files; and no secret in an endpoint URL reaches any file a run writes."""
 
-import http.server
+import gc
 import json
 import pathlib
-import threading
 
 import pytest
 
 from aloe_jax.cli import main
 from tests.conftest import SHARED
+from tests.fake_openai import LoopbackOpenAI, completion
 from tests.test_llm import MALFORMED_200
 
 SECRET = "sk-test-SECRET123"
@@ -19,42 +19,20 @@ PROFILES = ["You are a nurse in Lisbon with two cats.", "You are a retired carpe
 PERSONALITIES = ["You are blunt and impatient.", "You are warm, curious and chatty."]
 
 
-class FakeEndpoint:
+class FakeEndpoint(LoopbackOpenAI):
     """An OpenAI-compatible loopback endpoint: answers `reply` to the first `good_requests` requests (all when None),
     then a malformed 200 (`malformed`: content type, body). Its URL carries a fake key in userinfo and query."""
 
     def __init__(self):
         self.reply, self.good_requests, self.malformed, self.requests = "A", None, None, 0
-        outer = self
+        super().__init__()
+        self.url = f"http://aloe:{SECRET}@127.0.0.1:{self.port}/v1?api_key={SECRET}"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests += 1
-                content_type, data = "application/json", json.dumps({
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": outer.reply}}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}).encode()
-                if outer.good_requests is not None and outer.requests > outer.good_requests:
-                    content_type, data = outer.malformed
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        port = self.server.server_address[1]
-        self.url = f"http://aloe:{SECRET}@127.0.0.1:{port}/v1?api_key={SECRET}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, body: dict) -> tuple[int, str, bytes]:
+        self.requests += 1
+        if self.good_requests is not None and self.requests > self.good_requests:
+            return 200, *self.malformed
+        return 200, "application/json", completion(body["model"], self.reply, 5, 1)
 
 
 @pytest.fixture
@@ -157,6 +135,9 @@ def _truncate_largest_file(folder: pathlib.Path) -> None:
         f.truncate(largest.stat().st_size // 2)
 
 
+# Orbax's reads of the corrupt step are abandoned mid-flight (that is the fault under test): their coroutines are
+# collected after the event loop closed, which pytest reports as unraisable warnings.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, capsys):
     import jax
     import jax.numpy as jnp
@@ -216,6 +197,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_p
         Checkpointer(str(run_dir)).restore_latest(abstract, None)
     assert main(["export", str(run_dir), str(tmp_path / "exported")]) == 2
     assert "no readable checkpoint" in capsys.readouterr().err.splitlines()[-1]
+    gc.collect()  # the abandoned reads' coroutines go now, under this test's warning filter, not in a later test
 
 
 def _read_only_folder(tmp_path) -> str:

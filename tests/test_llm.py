@@ -1,9 +1,7 @@
 """Role backends: OpenAIBackend retries against a real (failing on purpose) loopback server, the on-disk call cache
 makes reruns free, usage is counted per role, JaxBackend scores options like a plain forward pass."""
 
-import http.server
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -14,50 +12,26 @@ from aloe_jax.llm.jax_backend import JaxBackend
 from aloe_jax.llm.openai_backend import BackendError, OpenAIBackend
 from aloe_jax.llm.roles import Role
 from aloe_jax.llm.usage import Price, UsageMeter
+from tests.fake_openai import LoopbackOpenAI, completion
 
 
-class FlakyServer:
+class FlakyServer(LoopbackOpenAI):
     """An OpenAI-compatible endpoint that fails the first `failures` requests with `status` — or, given `malformed`
     (content type, body), with a 200 carrying that body — then answers."""
 
     def __init__(self, failures: int, status: int = 500, malformed: tuple[str, bytes] | None = None):
         self.failures, self.status, self.malformed, self.requests = failures, status, malformed, []
-        outer = self
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                if len(outer.requests) <= outer.failures:
-                    payload, code = {"error": {"message": "try later", "type": "server_error"}}, outer.status
-                else:
-                    text = "echo: " + body["messages"][-1]["content"]
-                    payload, code = {
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-                    }, 200
-                data, content_type = json.dumps(payload).encode(), "application/json"
-                if outer.malformed and code != 200:
-                    (content_type, data), code = outer.malformed, 200
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("retry-after-ms", "10")  # keep the client's backoff short in tests
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, body: dict) -> tuple[int, str, bytes]:
+        self.requests.append(body)
+        if len(self.requests) > self.failures:
+            return 200, "application/json", completion(body["model"], "echo: " + body["messages"][-1]["content"], 7, 3)
+        if self.malformed:
+            return 200, *self.malformed
+        error = {"error": {"message": "try later", "type": "server_error"}}
+        return self.status, "application/json", json.dumps(error).encode()
 
 
 @pytest.fixture
