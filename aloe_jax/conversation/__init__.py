@@ -1,1 +1,2 @@
-"""Conversations between roles: the persona pools they start from, the records they leave, and the engine that runs them."""
+"""Conversations between roles: the persona pools they start from, the records they leave, and the engine that
+runs them."""

@@ -1,5 +1,5 @@
-"""The preference-tree record: one conversation per JSONL line (docs/DESIGN.md §3), shared by the data pipeline that writes
-it and the trainer that reads it."""
+"""The preference-tree record: one conversation per JSONL line (docs/DESIGN.md §3), shared by the data pipeline that
+writes it and the trainer that reads it."""
 
 from __future__ import annotations
 
