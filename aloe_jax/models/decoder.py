@@ -69,11 +69,13 @@ class KVCache(NamedTuple):
         return self.keys[0].shape[2]
 
 
-def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
-    """An empty cache for `batch` rows of up to `cache_len` tokens, in the compute dtype."""
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: str | None = None) -> KVCache:
+    """An empty cache for `batch` rows of up to `cache_len` tokens, in `dtype` (default: the compute dtype; attention
+    reads a narrower cache back in the compute dtype)."""
     shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
-    return KVCache(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
-                   tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)))
+    dtype = dtype or cfg.dtype
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: str, init=_INIT) -> nnx.Param:
@@ -98,6 +100,15 @@ class Norm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, cache_index) -> jax.Array:
+    """`cache` `[B, K, S, hd]` with `new` `[B, K, T, hd]` written at slots cache_index..cache_index+T-1: one index for
+    every row (a scalar) or one per row (`[B]`: rows of different lengths, as in session caches). The caller keeps
+    every index ≤ S - T (XLA clamps the start of an update that would run past the end)."""
+    if jnp.ndim(cache_index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(cache, new, cache_index)
 
 
 class Attention(nnx.Module):
@@ -150,8 +161,8 @@ class Attention(nnx.Module):
         else:
             k_cache, v_cache = cache_kv
             # [B, T, K, hd] → [B, K, T, hd], written in place at slots cache_index..cache_index+T-1.
-            k = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
+            k = _write_cache(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), cache_index)
+            v = _write_cache(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), cache_index)
             cache_kv = (k, v)
             out = dense_attention(q, k.astype(q.dtype), v.astype(q.dtype), attn_mask)
         y = lora.plus_delta(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype)), dropout_key)
@@ -280,7 +291,8 @@ class Decoder(nnx.Module):
 
         tokens, positions: `[B, T]` int. attn_mask: `[B, T, S]` bool (S = T without a cache, else the cache
         length), or a TreeMask of packed rows (no cache). With a cache, the T new tokens are written at slots
-        cache_index..cache_index+T-1 (same for every row). dropout_key: LoRA dropout of a training step.
+        cache_index..cache_index+T-1: cache_index is a scalar (every row) or `[B]` (one start per row).
+        dropout_key: LoRA dropout of a training step.
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
         if self.options.scan_layers:

@@ -292,6 +292,28 @@ def _generate(graphdef, mode: _Mode, steps: int, cache_sharding, state, tokens, 
     return last.out, last.count, last.stopped, last.out_logprobs
 
 
+def row_budgets(n: int, params: SamplingParams, max_new_tokens: Sequence[int] | None) -> list[int]:
+    """The token budget of each of `n` prompts: `max_new_tokens` (one per prompt) or else params.max_new_tokens."""
+    if max_new_tokens is None:
+        return [params.max_new_tokens] * n
+    if len(max_new_tokens) != n:
+        raise ConfigError(f"max_new_tokens has {len(max_new_tokens)} entries for {n} prompts: give one per prompt")
+    for value in max_new_tokens:
+        _check_budget(value, "max_new_tokens entry")
+    return [int(v) for v in max_new_tokens]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[int]:
+    """The prompts' lengths; DataError for an empty prompt or an id outside [0, vocab)."""
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise DataError(f"prompt {row} is empty: give at least one token (e.g. BOS)")
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= vocab:
+            raise DataError(f"prompt {row} must be a list of token ids in [0, {vocab}), got {list(prompt[:8])!r}...")
+    return [len(p) for p in prompts]
+
+
 def padded_shape(num_prompts: int, longest_prompt: int, longest_budget: int,
                  mesh: Mesh | None = None) -> tuple[int, int, int]:
     """(batch rows, prompt length, decode steps) of the program that a call with these sizes runs: rows, prompt
@@ -339,8 +361,8 @@ class Sampler:
         """One Generation per prompt; `max_new_tokens` (per row) overrides `params.max_new_tokens`."""
         if not prompts:
             return []
-        budgets = self._budgets(len(prompts), params, max_new_tokens)
-        lengths = self._check_prompts(prompts)
+        budgets = row_budgets(len(prompts), params, max_new_tokens)
+        lengths = check_prompts(prompts, self.model.cfg.vocab_size)
         batch, prompt_len, steps = padded_shape(len(prompts), max(lengths), max(budgets), self.mesh)
         # Rows past the real prompts are dummies: one pad token and no budget, so they are done from the start.
         tokens = np.full((batch, prompt_len), self.pad_id, np.int32)  # [batch, prompt_len], left-padded
@@ -348,9 +370,9 @@ class Sampler:
             tokens[row, prompt_len - len(prompt):] = prompt
         row_lengths = np.ones(batch, np.int32)
         row_lengths[:len(prompts)] = lengths
-        row_budgets = np.zeros(batch, np.int32)
-        row_budgets[:len(prompts)] = budgets
-        args = (nnx.state(self.model), *self._place(tokens, row_lengths, row_budgets),
+        padded_budgets = np.zeros(batch, np.int32)
+        padded_budgets[:len(prompts)] = budgets
+        args = (nnx.state(self.model), *self._place(tokens, row_lengths, padded_budgets),
                 np.asarray(self.stop_ids, np.int32), np.float32(params.temperature), np.float32(params.top_p),
                 np.uint32(params.seed))
         program = self._program(params, steps, args)
@@ -359,24 +381,6 @@ class Sampler:
                              None if logprobs is None else _TokenLogprobs(*(x[row] for x in logprobs)))
                 for row in range(len(prompts))]
 
-    def _budgets(self, n: int, params: SamplingParams, max_new_tokens: list[int] | None) -> list[int]:
-        if max_new_tokens is None:
-            return [params.max_new_tokens] * n
-        if len(max_new_tokens) != n:
-            raise ConfigError(f"max_new_tokens has {len(max_new_tokens)} entries for {n} prompts: give one per prompt")
-        for value in max_new_tokens:
-            _check_budget(value, "max_new_tokens entry")
-        return [int(v) for v in max_new_tokens]
-
-    def _check_prompts(self, prompts: list[list[int]]) -> list[int]:
-        vocab = self.model.cfg.vocab_size
-        for row, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise DataError(f"prompt {row} is empty: give at least one token (e.g. BOS)")
-            ids = np.asarray(prompt)
-            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= vocab:
-                raise DataError(f"prompt {row} must be a list of token ids in [0, {vocab}), got {prompt[:8]!r}...")
-        return [len(p) for p in prompts]
 
     def _place(self, *arrays: np.ndarray) -> tuple:
         """The per-row arrays, split over the mesh's batch axes when there is a mesh."""

@@ -1,0 +1,518 @@
+"""Session caches: rows of KV cache that survive between calls, so a conversation's next turn prefills only what is
+new and never re-reads the conversation.
+
+A `SessionPool` holds `rows` rows of one `[rows, kv_heads, capacity, head_dim]` cache per layer. Row r holds the KV of
+the token ids `pool.tokens(r)` in slots 0..len-1 — compact, no padding, so a slot is also the token's position. A
+call gives a row its whole prompt; the row keeps the longest common prefix of what it holds and the prompt (dropping
+the rest costs nothing: only the row's length moves), prefills the remainder at its own offset and decodes. So a
+session turn *is* a re-prefill of the full prompt, computed in fewer steps: if the template re-tokenizes the previous
+reply differently, the row simply keeps less.
+
+Rows advance together through one compiled prefill and one decode loop, each at its own length (the decoder writes
+per-row slots). Capacity grows by buckets (one copy into a larger cache when some row's next turn does not fit); a row
+can be dropped, forked into another row (a tree branch or an RL group shares its prefix: a device copy of one row) and
+spilled to host memory and back. Serving builds its continuous batching on the same pool (rows = request slots) with
+`prefill` and `decode` as separate steps; the evaluation and tree generation use `generate` (both at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from aloe_jax.core.errors import ConfigError
+from aloe_jax.models.decoder import Decoder, KVCache, init_cache
+from aloe_jax.models.sharding import BATCH_AXES
+from aloe_jax.sampling.sampler import (PROMPT_STEP, Generation, SamplingParams, _filter_logits, _logprobs, _Mode,
+                                       _PREFILL_CHUNK, _PREFILL_CHUNK_ALT, _TokenLogprobs, bucket, check_prompts,
+                                       row_budgets)
+
+
+class RowSampling(NamedTuple):
+    """Per-row sampling settings `[rows]`: a row's draws depend only on its own (seed, choice) and generated index,
+    never on the rows beside it — row r of `Sampler.generate` uses key fold_in(key(seed), r), so choice = r matches."""
+
+    temperature: jax.Array  # float32; 0 = greedy
+    top_p: jax.Array  # float32; 1 = no cut
+    seed: jax.Array  # uint32
+    choice: jax.Array  # int32
+
+
+def _row_keys(sampling: RowSampling) -> jax.Array:
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(sampling.seed, sampling.choice)
+
+
+def _pick(logits: jax.Array, sampling: RowSampling, gen_index: jax.Array, mode: _Mode) -> jax.Array:
+    """`[rows]` next tokens from `[rows, vocab]` logits; row r draws with key fold_in(row key, gen_index[r])."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode.greedy:
+        return greedy
+    hot = sampling.temperature > 0
+    scaled = logits / jnp.where(hot, sampling.temperature, 1.0)[:, None]
+    if mode.top_k or mode.nucleus:
+        filtered = _filter_logits(scaled, sampling.top_p[:, None], mode)
+        # Rows without a nucleus cut keep every token exactly (a top_p of 1 inside the nucleus path could drop the
+        # far tail to float rounding).
+        scaled = filtered if mode.top_k else jnp.where((sampling.top_p < 1)[:, None], filtered, scaled)
+    keys = jax.vmap(jax.random.fold_in)(_row_keys(sampling), gen_index)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(hot, drawn, greedy)
+
+
+class Picked(NamedTuple):
+    token: jax.Array  # [rows]
+    logprobs: _TokenLogprobs | None  # of `token`, with mode.logprobs alternatives
+
+
+def _pick_with_logprobs(logits, sampling, gen_index, mode: _Mode) -> Picked:
+    token = _pick(logits, sampling, gen_index, mode)
+    return Picked(token, _logprobs(logits, token, mode.logprobs) if mode.logprobs >= 0 else None)
+
+
+def _prefill_chunk(length: int) -> int:
+    return next((c for c in (_PREFILL_CHUNK, *_PREFILL_CHUNK_ALT) if length % c == 0), length)
+
+
+def _prefill(graphdef, mode: _Mode, state, cache: KVCache, row_ids, new_tokens, new_lengths, offsets,
+             sampling: RowSampling, gen_index) -> tuple[KVCache, Picked]:
+    """Write right-padded `new_tokens` `[n, T]` (row i: its first new_lengths[i]) into cache rows `row_ids` at slots
+    offsets[i]..; return the cache and the token picked after each row's last new token. `row_ids` None: all rows."""
+    model = nnx.merge(graphdef, state)
+    rows = cache if row_ids is None else jax.tree.map(lambda c: c[row_ids], cache)
+    n, length = new_tokens.shape
+    capacity = rows.length
+    chunk = _prefill_chunk(length)
+
+    def one_chunk(start, carry):
+        rows, last_hidden = carry
+        piece = jax.lax.dynamic_slice_in_dim(new_tokens, start, chunk, axis=1)
+        query_slots = offsets[:, None] + start + jnp.arange(chunk)[None, :]  # [n, chunk]
+        # Rows are compact from slot 0, so causality by slot is the whole mask: what lies past a row's new tokens
+        # (padding now, garbage from earlier turns) is never at or before a real query's slot.
+        mask = jnp.arange(capacity)[None, None, :] <= query_slots[:, :, None]
+        hidden, rows = model.hidden_states(piece, query_slots, mask, rows, offsets + start)
+        at = new_lengths - 1 - start  # each row's last real token, when it lies in this chunk
+        here = (at >= 0) & (at < chunk)
+        picked = jnp.take_along_axis(hidden, jnp.clip(at, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        return rows, jnp.where(here[:, None], picked, last_hidden)
+
+    last_hidden = jnp.zeros((n, model.cfg.hidden_size), model.cfg.dtype)
+    rows, last_hidden = jax.lax.fori_loop(0, length // chunk, lambda i, c: one_chunk(i * chunk, c),
+                                          (rows, last_hidden))
+    picked = _pick_with_logprobs(model.logits(last_hidden[:, None])[:, 0], sampling, gen_index, mode)
+    if row_ids is not None:
+        rows = jax.tree.map(lambda c, r: c.at[row_ids].set(r), cache, rows)
+    return rows, picked
+
+
+class DecodeState(NamedTuple):
+    """Per-row decode state `[rows]` between calls."""
+
+    token: jax.Array  # int32: the latest picked token, not yet in the cache
+    slot: jax.Array  # int32: where `token` goes = tokens the row holds
+    gen_index: jax.Array  # int32: generated index of `token` (its key's step)
+    budget: jax.Array  # int32: tokens the row may still pick after `token`
+    live: jax.Array  # bool: still decoding
+    token_logprobs: _TokenLogprobs | None = None
+
+
+class DecodeOut(NamedTuple):
+    tokens: jax.Array  # [rows, steps]: row r's new tokens are its first count[r]
+    count: jax.Array  # [rows]
+    stopped: jax.Array  # [rows] bool: ended on a stop token during this call
+    logprobs: _TokenLogprobs | None  # [rows, steps(, n)]
+
+
+def _decode(graphdef, mode: _Mode, steps: int, state, cache: KVCache, decode: DecodeState, stop_ids,
+            sampling: RowSampling) -> tuple[KVCache, DecodeState, DecodeOut]:
+    """Up to `steps` decode steps of every live row (fewer when all rows finish): feed each row's token at its slot,
+    pick the next. Finished rows keep writing at their own slot, which lies past what they hold."""
+    model = nnx.merge(graphdef, state)
+    rows, capacity = decode.token.shape[0], cache.length
+    out = jnp.zeros((rows, steps), jnp.int32)
+    out_lp = None
+    if mode.logprobs >= 0:
+        k = mode.logprobs
+        out_lp = _TokenLogprobs(jnp.zeros((rows, steps), jnp.float32), jnp.zeros((rows, steps, k), jnp.int32),
+                                jnp.zeros((rows, steps, k), jnp.float32))
+
+    def body(carry):
+        step, cache, d, out, out_lp, count, stopped = carry
+        mask = jnp.arange(capacity)[None, None, :] <= d.slot[:, None, None]
+        hidden, cache = model.hidden_states(d.token[:, None], d.slot[:, None], mask, cache, d.slot)
+        picked = _pick_with_logprobs(model.logits(hidden)[:, 0], sampling, d.gen_index + 1, mode)
+        live = d.live
+        out = out.at[:, step].set(picked.token)
+        if out_lp is not None:
+            out_lp = _TokenLogprobs(*(buf.at[:, step].set(x) for buf, x in zip(out_lp, picked.logprobs)))
+        is_stop = jnp.any(picked.token[:, None] == stop_ids[None, :], axis=-1)
+        advance = live.astype(jnp.int32)
+        token = jnp.where(live, picked.token, d.token)
+        d = DecodeState(token=token, slot=d.slot + advance, gen_index=d.gen_index + advance,
+                        budget=d.budget - advance, live=live & ~is_stop & (d.budget - advance > 0),
+                        token_logprobs=None)
+        return step + 1, cache, d, out, out_lp, count + advance, stopped | (live & is_stop)
+
+    def running(carry):
+        step, _, d = carry[:3]
+        return (step < steps) & jnp.any(d.live)
+
+    zeros = jnp.zeros((rows,), jnp.int32)
+    first = (jnp.int32(0), cache, decode._replace(token_logprobs=None), out, out_lp, zeros, zeros.astype(bool))
+    _, cache, decode, out, out_lp, count, stopped = jax.lax.while_loop(running, body, first)
+    return cache, decode, DecodeOut(out, count, stopped, out_lp)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_program(graphdef, mode: _Mode, all_rows: bool):
+    fn = functools.partial(_prefill, graphdef, mode)
+    if all_rows:
+        return jax.jit(lambda state, cache, *rest: fn(state, cache, None, *rest), donate_argnums=(1,))
+    return jax.jit(fn, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_program(graphdef, mode: _Mode, steps: int):
+    return jax.jit(functools.partial(_decode, graphdef, mode, steps), donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def _resize_program(rows: int, capacity: int):
+    def resize(cache: KVCache) -> KVCache:
+        def one(c):
+            grown = jnp.zeros((rows, c.shape[1], capacity, c.shape[3]), c.dtype)
+            return jax.lax.dynamic_update_slice(grown, c[:rows, :, :capacity], (0, 0, 0, 0))
+        return jax.tree.map(one, cache)
+    return jax.jit(resize)  # a new shape: the old buffer cannot be donated
+
+
+@jax.jit
+def _copy_row(cache: KVCache, src, dst) -> KVCache:
+    return jax.tree.map(lambda c: c.at[dst].set(c[src]), cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpilledRow:
+    """A row moved to host memory: its token ids and, per layer, keys and values `[kv_heads, len, head_dim]`."""
+
+    tokens: tuple[int, ...]
+    keys: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionGeneration(Generation):
+    """A Generation and how many of its prompt tokens were already in the row (not prefilled again)."""
+
+    cached_tokens: int = 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+def sampling_mode(params: Sequence[SamplingParams], vocab_size: int) -> _Mode:
+    """One compiled mode that serves every row's params: greedy only when all are; nucleus when any cuts; the most
+    log-probability alternatives any asks for."""
+    modes = [_Mode.of(p, vocab_size) for p in params]
+    if len({m.top_k for m in modes if not m.greedy}) > 1:
+        raise ConfigError("rows decoded together must share top_k")
+    top_k = next((m.top_k for m in modes if not m.greedy), 0)
+    return _Mode(all(m.greedy for m in modes), top_k, any(m.nucleus for m in modes), max(m.logprobs for m in modes))
+
+
+class SessionPool:
+    """`rows` KV-cache rows kept across calls (see the module docstring). Not thread-safe: one caller at a time."""
+
+    def __init__(self, model: Decoder, rows: int, stop_ids: Sequence[int] = (), kv_dtype: str | None = None,
+                 mesh: Mesh | None = None):
+        if rows < 1:
+            raise ConfigError(f"a session pool needs at least one row, got {rows}")
+        self.model, self.rows, self.mesh = model, rows, mesh
+        self.stop_ids = np.asarray(sorted({int(s) for s in stop_ids}) or [-1], np.int32)
+        self.kv_dtype = kv_dtype or model.cfg.dtype
+        self._graphdef = nnx.graphdef(model)
+        self._tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.cache: KVCache | None = None
+        self.capacity = 0
+        self.prefilled_tokens = 0  # tokens run through prefill, over the pool's life
+        self.reused_tokens = 0  # prompt tokens found in a row instead
+
+    # --- rows -------------------------------------------------------------------------------------------------------
+    def tokens(self, row: int) -> list[int]:
+        """The token ids whose KV row `row` holds."""
+        return list(self._tokens[row])
+
+    def drop(self, row: int) -> None:
+        self._tokens[row] = []
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep only the first `length` tokens of a row (free: only its length moves)."""
+        del self._tokens[row][length:]
+
+    def fork(self, src: int, dst: int) -> None:
+        """Row `dst` becomes a copy of row `src` (its own cache from now on)."""
+        if src != dst and self.cache is not None:
+            self.cache = _copy_row(self.cache, np.int32(src), np.int32(dst))
+        self._tokens[dst] = list(self._tokens[src])
+
+    def spill(self, row: int) -> SpilledRow:
+        """Move a row to host memory; the row is empty afterwards."""
+        n = len(self._tokens[row])
+        get = lambda layers: tuple(np.asarray(jax.device_get(c[row, :, :n])) for c in layers)  # noqa: E731
+        spilled = SpilledRow(tuple(self._tokens[row]), *((get(self.cache.keys), get(self.cache.values))
+                                                         if self.cache is not None else ((), ())))
+        self.drop(row)
+        return spilled
+
+    def restore(self, row: int, spilled: SpilledRow) -> None:
+        """Put a spilled row back (into any row)."""
+        n = len(spilled.tokens)
+        self._ensure(n + 1)
+        put = lambda layers, saved: tuple(  # noqa: E731
+            c.at[row, :, :n].set(jnp.asarray(s, c.dtype)) for c, s in zip(layers, saved))
+        self.cache = KVCache(put(self.cache.keys, spilled.keys), put(self.cache.values, spilled.values))
+        self._tokens[row] = list(spilled.tokens)
+
+    def grow_rows(self, rows: int) -> None:
+        """At least `rows` rows (new rows empty)."""
+        if rows > self.rows:
+            self._tokens += [[] for _ in range(rows - self.rows)]
+            self.rows = rows
+            if self.cache is not None:
+                self.cache = _resize_program(rows, self.capacity)(self.cache)
+
+    def _ensure(self, capacity: int) -> None:
+        """Allocate the cache, or grow it to the bucket holding `capacity` slots per row."""
+        shards = 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+        if self.rows % shards:
+            raise ConfigError(f"a session pool on this mesh needs rows in multiples of {shards}, got {self.rows}")
+        if self.cache is None:
+            self.capacity = bucket(capacity, 16, PROMPT_STEP)
+            self.cache = init_cache(self.model.cfg, self.rows, self.capacity, self.kv_dtype)
+            if self.mesh is not None:
+                spec = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, None, None, None))
+                self.cache = jax.device_put(self.cache, spec)
+        elif capacity > self.capacity:
+            self.capacity = bucket(capacity, 16, PROMPT_STEP)
+            self.cache = _resize_program(self.rows, self.capacity)(self.cache)
+
+    # --- decoding ---------------------------------------------------------------------------------------------------
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
+                choices: Sequence[int], reserve: Sequence[int]) -> tuple[list[int], Picked]:
+        """Make each row hold its prompt (reusing the common prefix) and pick the first token. `reserve[i]`: slots
+        row i must have free after its prompt (its token budget). Returns (cached tokens per row, picked)."""
+        check_prompts(prompts, self.model.cfg.vocab_size)
+        offsets, fresh = [], []
+        for row, prompt in zip(rows, prompts):
+            keep = min(common_prefix(self._tokens[row], prompt), len(prompt) - 1)  # prefill ≥ 1 token: its logits
+            offsets.append(keep)
+            fresh.append(list(prompt[keep:]))
+        length = bucket(max(map(len, fresh)), 16, PROMPT_STEP)
+        held = max(len(t) for t in self._tokens)
+        self._ensure(max(max(o + length for o in offsets), held + 1,
+                                    max(len(p) + r for p, r in zip(prompts, reserve))))
+        new_tokens = np.zeros((len(rows), length), np.int32)
+        for i, ids in enumerate(fresh):
+            new_tokens[i, :len(ids)] = ids
+        mode = sampling_mode(sampling, self.model.cfg.vocab_size)
+        all_rows = list(rows) == list(range(self.rows))
+        program = _prefill_program(self._graphdef, mode, all_rows)
+        row_args = () if all_rows else (np.asarray(rows, np.int32),)
+        self.cache, picked = program(nnx.state(self.model), self.cache, *row_args, new_tokens,
+                                     np.asarray([len(f) for f in fresh], np.int32), np.asarray(offsets, np.int32),
+                                     self._row_sampling(sampling, choices), np.zeros(len(rows), np.int32))
+        for row, prompt in zip(rows, prompts):
+            self._tokens[row] = list(prompt)
+        self.prefilled_tokens += sum(map(len, fresh))
+        self.reused_tokens += sum(offsets)
+        return offsets, picked
+
+    def _row_sampling(self, sampling: Sequence[SamplingParams], choices: Sequence[int]) -> RowSampling:
+        return RowSampling(np.asarray([p.temperature for p in sampling], np.float32),
+                           np.asarray([p.top_p for p in sampling], np.float32),
+                           np.asarray([p.seed for p in sampling], np.uint32), np.asarray(choices, np.int32))
+
+    def decode(self, state: DecodeState, sampling: RowSampling, mode: _Mode, steps: int) -> tuple[DecodeState, DecodeOut]:
+        """Up to `steps` decode steps for all rows (`state` and `sampling` are `[rows]`); the caller records which
+        tokens each row now holds (`note_decoded`)."""
+        program = _decode_program(self._graphdef, mode, steps)
+        self.cache, state, out = program(nnx.state(self.model), self.cache, state, self.stop_ids, sampling)
+        return state, out
+
+    def note_decoded(self, row: int, fed: Sequence[int]) -> None:
+        """Record that row `row` now also holds `fed` (tokens fed to the cache by decode)."""
+        self._tokens[row].extend(int(t) for t in fed)
+
+    def generate(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                 params: SamplingParams = SamplingParams(), max_new_tokens: Sequence[int] | None = None,
+                 choices: Sequence[int] | None = None) -> list[SessionGeneration]:
+        """One generation per (row, prompt), all rows decoded together; afterwards each row holds its prompt and the
+        reply's tokens (all but the last, which was never fed). `choices` default: the prompt's index, so the draws
+        equal `Sampler.generate(prompts, params)`."""
+        if len(set(rows)) != len(rows) or len(rows) != len(prompts):
+            raise ConfigError("generate needs one distinct row per prompt")
+        budgets = row_budgets(len(prompts), params, max_new_tokens)
+        choices = list(range(len(prompts))) if choices is None else list(choices)
+        mode = _Mode.of(params, self.model.cfg.vocab_size)
+        cached, first = self.prefill(rows, prompts, [params] * len(rows), choices, budgets)
+        # The decode loop runs over every row of the pool; rows not in this call are finished from the start.
+        index = np.asarray(rows)
+        token, slot, budget = (np.zeros(self.rows, np.int32) for _ in range(3))
+        live = np.zeros(self.rows, bool)
+        first_token = np.asarray(first.token)
+        token[index] = first_token
+        slot[:] = [len(t) for t in self._tokens]
+        budget[index] = np.maximum(np.asarray(budgets) - 1, 0)
+        is_stop = np.isin(first_token, self.stop_ids)
+        live[index] = (np.asarray(budgets) > 0) & ~is_stop & (np.asarray(budgets) > 1)
+        sampling = self._row_sampling([params] * self.rows, np.zeros(self.rows, np.int32))
+        sampling = sampling._replace(choice=np.asarray(
+            [choices[list(rows).index(r)] if r in rows else 0 for r in range(self.rows)], np.int32))
+        state = DecodeState(token, slot, np.zeros(self.rows, np.int32), budget, live)
+        steps = bucket(max(max(budgets) - 1, 1), 16)
+        _, out = self.decode(state, sampling, mode, steps)
+        out_tokens, counts, stopped = jax.device_get((out.tokens, out.count, out.stopped))
+        out_lp = None if out.logprobs is None else jax.device_get(out.logprobs)
+        first_lp = None if first.logprobs is None else jax.device_get(first.logprobs)
+        results = []
+        for i, (row, prompt, budget_i) in enumerate(zip(rows, prompts, budgets)):
+            n = int(counts[row])
+            generated = ([int(first_token[i])] if budget_i > 0 else []) + out_tokens[row, :n].tolist()
+            ended = bool(is_stop[i]) if n == 0 else bool(stopped[row])
+            self.note_decoded(row, generated[:-1])
+            logprobs = None
+            if first_lp is not None:
+                logprobs = _TokenLogprobs(*(np.concatenate([f[i:i + 1], o[row, :n]]) if budget_i > 0 else o[row, :0]
+                                            for f, o in zip(first_lp, out_lp)))
+            results.append(self._result(generated, ended and budget_i > 0, len(prompt), cached[i], logprobs))
+        return results
+
+    @staticmethod
+    def _result(generated: list[int], stopped: bool, prompt_tokens: int, cached: int,
+                logprobs: _TokenLogprobs | None) -> SessionGeneration:
+        kept = len(generated) - stopped
+        extra = {}
+        if logprobs is not None:
+            extra = dict(logprobs=logprobs.chosen[:kept].tolist(),
+                         top_logprobs=[list(zip(ids.tolist(), lps.tolist()))
+                                       for ids, lps in zip(logprobs.top_ids[:kept], logprobs.top[:kept])])
+        return SessionGeneration(tokens=generated[:kept], finish_reason="stop" if stopped else "length",
+                                 prompt_tokens=prompt_tokens, completion_tokens=len(generated),
+                                 stop_token=generated[-1] if stopped else None, cached_tokens=cached, **extra)
+
+
+def cache_bytes_per_token(model: Decoder, kv_dtype: str | None = None) -> int:
+    """Bytes of KV cache one token takes (keys and values of every layer)."""
+    cfg = model.cfg
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(kv_dtype or cfg.dtype).itemsize
+
+
+class SessionCache:
+    """Sessions without bookkeeping by the caller: each call's prompts are matched to the rows that hold their longest
+    prefixes, so a caller that sends whole conversations turn after turn (the conversation engine's roles) prefills
+    only what is new.
+
+    A call runs on one pool: the one whose rows hold the most of its prompts (each role's batch of conversations ends
+    up with a pool of its own), or a fresh one sized to the call. Pools are dropped least recently used first when
+    their caches together would pass `max_bytes`.
+    """
+
+    def __init__(self, model: Decoder, stop_ids: Sequence[int] = (), kv_dtype: str | None = None,
+                 max_bytes: int = 8 * 2**30, mesh: Mesh | None = None):
+        self.model, self.stop_ids, self.kv_dtype, self.max_bytes, self.mesh = model, stop_ids, kv_dtype, max_bytes, mesh
+        self.pools: list[SessionPool] = []  # least recently used first
+        self._dropped: list[tuple[int, int]] = []  # (prefilled, reused) of pools dropped
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens run through prefill so far."""
+        return sum(p.prefilled_tokens for p in self.pools) + sum(d[0] for d in self._dropped)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens found in a row instead of prefilled."""
+        return sum(p.reused_tokens for p in self.pools) + sum(d[1] for d in self._dropped)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(),
+                 max_new_tokens: Sequence[int] | None = None) -> list[SessionGeneration]:
+        """Like `Sampler.generate(prompts, params, max_new_tokens)`: same tokens, same draws."""
+        if not prompts:
+            return []
+        pool, reuse = self._best_pool(prompts)
+        if pool is None:
+            shards = 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+            rows = -(-bucket(len(prompts), 1, 8) // shards) * shards
+            pool = SessionPool(self.model, rows, self.stop_ids, self.kv_dtype, self.mesh)
+            reuse = [(0, None)] * len(prompts)
+        else:
+            self.pools.remove(pool)
+        self.pools.append(pool)
+        rows = self._assign(pool, prompts, reuse)
+        budgets = row_budgets(len(prompts), params, max_new_tokens)
+        self._make_room(pool, max(len(p) + b for p, b in zip(prompts, budgets)) + 1)
+        return pool.generate(rows, prompts, params, budgets, choices=list(range(len(prompts))))
+
+    def _best_pool(self, prompts) -> tuple[SessionPool | None, list[tuple[int, int | None]]]:
+        """The pool holding most of the prompts' tokens, with each prompt's (reusable tokens, row)."""
+        best, best_total, best_reuse = None, 0, []
+        for pool in self.pools:
+            if pool.rows < len(prompts):
+                continue
+            by_first: dict[int, list[int]] = {}
+            for row in range(pool.rows):
+                held = pool._tokens[row]
+                if held:
+                    by_first.setdefault(held[0], []).append(row)
+            reuse = []
+            for prompt in prompts:
+                scored = [(common_prefix(pool._tokens[r], prompt), r) for r in by_first.get(prompt[0], [])]
+                reuse.append(max(scored, default=(0, None)))
+            total = sum(n for n, _ in reuse)
+            if total > best_total:
+                best, best_total, best_reuse = pool, total, reuse
+        return best, best_reuse
+
+    @staticmethod
+    def _assign(pool: SessionPool, prompts, reuse) -> list[int]:
+        """A distinct row per prompt: its best row when free, else a copy of it (fork) in a row nobody reuses."""
+        claimed: dict[int, int] = {}
+        order = sorted(range(len(prompts)), key=lambda i: -reuse[i][0])
+        wanted = {row for _, row in reuse if row is not None}
+        spare = [r for r in range(pool.rows) if r not in wanted]
+        rows = [0] * len(prompts)
+        for i in order:
+            n, row = reuse[i]
+            if row is not None and row not in claimed:
+                claimed[row] = i
+                rows[i] = row
+                continue
+            # Taken by a prompt with a longer match (a branch of the same conversation), or no match at all. There is
+            # always a spare row: prompts without their own best row ≤ rows - distinct best rows.
+            target = spare.pop()
+            if row is not None and n > 0:
+                pool.fork(row, target)
+            claimed[target] = i
+            rows[i] = target
+        return rows
+
+    def _make_room(self, pool: SessionPool, capacity: int) -> None:
+        """Drop least recently used pools until `pool` at `capacity` slots fits in max_bytes with the rest."""
+        per_token = cache_bytes_per_token(self.model, self.kv_dtype)
+        need = lambda p, cap: p.rows * bucket(cap, 16, PROMPT_STEP) * per_token  # noqa: E731
+        while len(self.pools) > 1 and need(pool, max(capacity, pool.capacity)) + sum(
+                need(p, p.capacity) for p in self.pools if p is not pool) > self.max_bytes:
+            dropped = self.pools.pop(0)
+            self._dropped.append((dropped.prefilled_tokens, dropped.reused_tokens))
