@@ -131,3 +131,223 @@ class WholeRequestScheduler:
                 on_event(Finished("error", len(request.prompt_ids), 0, error=f"{type(err).__name__}: {err}"))
         finally:
             self._running = 0
+
+
+class _Slot:
+    """A running request in its pool row."""
+
+    def __init__(self, request: Request, on_event: Callable[[Event], None], handle: "_ContinuousHandle"):
+        self.request, self.on_event, self.handle = request, on_event, handle
+        self.generated = 0
+        self.cached = 0
+
+
+class _ContinuousHandle:
+    def __init__(self, wake: Callable[[], None]):
+        self.cancelled = False
+        self._wake = wake
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake()
+
+
+class ContinuousScheduler:
+    """Continuous batching over a `SessionPool` whose rows are request slots: requests join the running decode batch
+    between chunks of `decode_chunk` steps and leave it when they finish or are cancelled, each with its own sampling
+    params, seed and length. A waiting request starts within one chunk when a slot is free.
+
+    Finished rows keep their tokens: a new request goes to the free row holding its longest prefix (the previous turn
+    of the same conversation), prefills only the rest and reports those tokens as cached. Memory is fixed up front:
+    `max_batch` rows × (`context_length` + 1) slots.
+    """
+
+    def __init__(self, model, stop_ids, context_length: int, max_batch: int = 16, decode_chunk: int = 8,
+                 kv_dtype: str | None = None):
+        from aloe_jax.sampling.sessions import SessionPool
+
+        self.context_length, self.max_batch, self.decode_chunk = context_length, max_batch, decode_chunk
+        self.pool = SessionPool(model, max_batch, stop_ids, kv_dtype)
+        self.pool._ensure(context_length + 1)
+        self.vocab_size = model.cfg.vocab_size
+        self._queue: queue.Queue = queue.Queue()
+        self._waiting: list[tuple[Request, Callable, _ContinuousHandle]] = []
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self._last_used = [0.0] * max_batch
+        self._reset_state()
+        self.programs_run = 0
+        threading.Thread(target=self._loop, daemon=True, name="aloe-scheduler").start()
+
+    def _reset_state(self):
+        import numpy as np
+
+        rows = self.max_batch
+        self._token, self._slot, self._gen, self._budget = (np.zeros(rows, np.int32) for _ in range(4))
+        self._live = np.zeros(rows, bool)
+        self._temperature, self._top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+        self._seed, self._choice = np.zeros(rows, np.uint32), np.zeros(rows, np.int32)
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
+        handle = _ContinuousHandle(lambda: self._queue.put(None))
+        self._queue.put((request, on_event, handle))
+        return handle
+
+    def stats(self) -> dict:
+        from aloe_jax.sampling.sessions import cache_bytes_per_token
+
+        return {"running": sum(s is not None for s in self._slots), "queued": len(self._waiting) + self._queue.qsize(),
+                "slots": self.max_batch, "context_length": self.context_length,
+                "cache_bytes": self.pool.rows * self.pool.capacity * cache_bytes_per_token(self.pool.model,
+                                                                                           self.pool.kv_dtype),
+                "prefilled_tokens": self.pool.prefilled_tokens, "cached_tokens": self.pool.reused_tokens}
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    def _loop(self):
+        while True:
+            idle = not self._waiting and not self._live.any()
+            self._take_submissions(block=idle)
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._live.any():
+                    self._decode_chunk()
+            except Exception as err:  # a failing step must not kill the server: fail what was running
+                message = f"{type(err).__name__}: {err}"
+                for row, slot in enumerate(self._slots):
+                    if slot is not None:
+                        self._finish(row, "error", error=message)
+                    self.pool.drop(row)
+                self._reset_state()
+
+    def _take_submissions(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is not None:
+                self._waiting.append(item)
+
+    def _finish(self, row: int, reason: str, error: str | None = None) -> None:
+        slot = self._slots[row]
+        self._slots[row] = None
+        self._live[row] = False
+        self._last_used[row] = time.monotonic()
+        slot.on_event(Finished(reason, len(slot.request.prompt_ids), slot.generated, slot.cached, error))
+
+    def _drop_cancelled(self) -> None:
+        for item in [w for w in self._waiting if w[2].cancelled]:
+            self._waiting.remove(item)
+            item[1](Finished("cancelled", len(item[0].prompt_ids), 0))
+        for row, slot in enumerate(self._slots):
+            if slot is not None and slot.handle.cancelled:
+                self._finish(row, "cancelled")
+
+    def _free_row_for(self, prompt: tuple[int, ...], taken: set[int]) -> int | None:
+        """The free row holding the longest prefix of `prompt`, else the least recently used free row."""
+        from aloe_jax.sampling.sessions import common_prefix
+
+        free = [r for r in range(self.max_batch) if self._slots[r] is None and r not in taken]
+        if not free:
+            return None
+        return max(free, key=lambda r: (common_prefix(self.pool._tokens[r], prompt), -self._last_used[r]))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows (one program for all of them) and emit their first tokens."""
+        admitted: list[tuple[int, tuple]] = []
+        taken: set[int] = set()
+        while self._waiting:
+            row = self._free_row_for(self._waiting[0][0].prompt_ids, taken)
+            if row is None:
+                break
+            taken.add(row)
+            admitted.append((row, self._waiting.pop(0)))
+        if not admitted:
+            return
+        import numpy as np
+
+        rows = [row for row, _ in admitted]
+        requests = [item[0] for _, item in admitted]
+        for row, (request, on_event, handle) in admitted:
+            self._slots[row] = _Slot(request, on_event, handle)
+        cached, picked = self.pool.prefill(rows, [list(r.prompt_ids) for r in requests],
+                                           [r.params for r in requests], [r.choice for r in requests],
+                                           [r.params.max_new_tokens for r in requests])
+        self.programs_run += 1
+        tokens = np.asarray(picked.token)
+        logprobs = None if picked.logprobs is None else [np.asarray(x) for x in picked.logprobs]
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            slot = self._slots[row]
+            slot.cached = cached[i]
+            params = request.params
+            self._temperature[row], self._top_p[row] = params.temperature, params.top_p
+            self._seed[row], self._choice[row] = params.seed, request.choice
+            self._slot[row] = len(request.prompt_ids)
+            self._gen[row] = 0
+            if params.max_new_tokens == 0:
+                self._finish(row, "length")
+                continue
+            self._emit(row, [int(tokens[i])], None if logprobs is None else [x[i:i + 1] for x in logprobs])
+            self._token[row] = tokens[i]
+            self._budget[row] = params.max_new_tokens - 1
+            self._live[row] = True
+            self._end_if_done(row, int(tokens[i]))
+
+    def _emit(self, row: int, tokens: list[int], logprobs) -> None:
+        """Tokens event for a row's new tokens (the stop token is counted, not sent)."""
+        slot = self._slots[row]
+        slot.generated += len(tokens)
+        stop_ids = set(self.pool.stop_ids.tolist())
+        kept = tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+        if not kept:
+            return
+        event_lp = top = None
+        wanted = slot.request.params.top_logprobs
+        if wanted is not None and logprobs is not None:
+            chosen, ids, values = logprobs
+            event_lp = tuple(float(x) for x in chosen[:len(kept)])
+            top = tuple(tuple(zip(map(int, ids[j][:wanted]), map(float, values[j][:wanted])))
+                        for j in range(len(kept)))
+        slot.on_event(Tokens(tuple(kept), event_lp, top))
+
+    def _end_if_done(self, row: int, last_token: int) -> None:
+        if last_token in set(self.pool.stop_ids.tolist()):
+            self._finish(row, "stop")
+        elif self._budget[row] <= 0:
+            self._finish(row, "length")
+
+    def _decode_chunk(self) -> None:
+        import jax
+        import numpy as np
+
+        from aloe_jax.sampling.sessions import DecodeState, RowSampling, sampling_mode
+
+        live_rows = [r for r in range(self.max_batch) if self._live[r]]
+        mode = sampling_mode([self._slots[r].request.params for r in live_rows], self.vocab_size)
+        if mode.logprobs >= 0:  # one compiled variant for any number of alternatives asked for
+            from aloe_jax.sampling.sampler import MAX_TOP_LOGPROBS
+
+            mode = mode._replace(logprobs=min(MAX_TOP_LOGPROBS, self.vocab_size))
+        # Rows not live must not advance: their slot stays past what they hold.
+        for r in range(self.max_batch):
+            if not self._live[r]:
+                self._slot[r] = len(self.pool._tokens[r])
+        before = self._token.copy()
+        state = DecodeState(self._token, self._slot, self._gen, self._budget, self._live)
+        sampling = RowSampling(self._temperature, self._top_p, self._seed, self._choice)
+        state, out = self.pool.decode(state, sampling, mode, self.decode_chunk)
+        self.programs_run += 1
+        token, slot, gen, budget = (np.array(x) for x in jax.device_get(state[:4]))
+        new, counts = jax.device_get((out.tokens, out.count))
+        logprobs = None if out.logprobs is None else jax.device_get(out.logprobs)
+        self._token, self._slot, self._gen, self._budget = token, slot, gen, budget
+        for row in live_rows:
+            n = int(counts[row])
+            if n == 0:
+                continue
+            picked = new[row, :n].tolist()
+            self.pool.note_decoded(row, [int(before[row])] + picked[:-1])
+            self._emit(row, picked, None if logprobs is None else [x[row, :n] for x in logprobs])
+            if self._slots[row] is not None:
+                self._end_if_done(row, picked[-1])
