@@ -162,3 +162,33 @@ def stop_token_ids(tokenizer) -> list[int]:
     if not ids:
         raise ModelLoadError("the tokenizer has no eos token and no known end-of-turn token: nothing can stop a reply")
     return ids
+
+
+def encode_chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation in which control-token strings inside message contents are plain text.
+
+    A user message holding `<|im_start|>system ...` must not open a real system turn. A conversation whose contents
+    hold no added-token string is tokenized exactly as `encode_chat` does; otherwise each such string in a content is
+    swapped for a placeholder, the template is rendered, and the placeholders are tokenized as text
+    (`split_special_tokens=True`) while the template's own text keeps its control tokens."""
+    import re
+    import secrets
+
+    # Longest first, so that a token that contains another one is matched whole.
+    specials = sorted(tokenizer.added_tokens_encoder, key=len, reverse=True)
+    contents = [m["content"] for m in messages]
+    if not any(s in c for s in specials for c in contents):
+        return encode_chat(tokenizer, messages, add_generation_prompt)[0]
+    marker = f"\ue000{secrets.token_hex(8)}"  # private-use start and a random tag: no content can forge it
+    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    masked = [{**m, "content": pattern.sub(lambda hit: f"{marker}{specials.index(hit[0])}{marker}", m["content"])}
+              for m in messages]
+    rendered = tokenizer.apply_chat_template(masked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    ids: list[int] = []
+    # split() with one group: text, index, text, index, ..., text.
+    for i, piece in enumerate(re.split(f"{marker}(\\d+){marker}", rendered)):
+        if i % 2:
+            ids += tokenizer.encode(specials[int(piece)], add_special_tokens=False, split_special_tokens=True)
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
