@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Literal
 
 import pydantic
 
@@ -47,7 +48,10 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"  # loopback only
     port: int = pydantic.Field(8000, ge=0, le=65535)  # 0: any free port
     served_name: str | None = None  # model id clients must send; None: model.path
-    max_batch: int = pydantic.Field(64, gt=0)  # most conversations decoded together
+    max_batch: int = pydantic.Field(64, gt=0)  # most requests (choices) decoded together
+    max_context: int | None = pydantic.Field(None, gt=0)  # tokens per request; None: the model's window, ≤ 4096
+    api_key_env: str | None = None  # name of an environment variable holding the API key clients must send
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # info: one access-log line per request
 
 
 _MODEL_ALIASES = (
@@ -69,8 +73,13 @@ SERVE_ALIASES = (
     Alias("--host", "host", "address to listen on"),
     Alias("--port", "port", "port to listen on", type=int),
     Alias("--served-name", "served_name", "model id clients must send"),
-    Alias("--max-batch", "max_batch", "most conversations decoded together", type=int),
+    Alias("--max-batch", "max_batch", "most requests (choices) decoded together", type=int),
+    Alias("--max-context", "max_context", "most prompt + reply tokens per request (default: the model's, ≤ 4096)",
+          type=int),
+    Alias("--api-key-env", "api_key_env", "environment variable holding the bearer key clients must send"),
+    Alias("--log-level", "log_level", "debug, info (one access-log line per request), warning or error"),
 )
+SERVE_CONTEXT_CAP = 4096  # default --max-context: the model's window, at most this (the cache is sized by it)
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
@@ -97,22 +106,40 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     cfg = load_command_config(ServeConfig, args)
     if printed_config(cfg, args):
         return
+    api_key = None
+    if cfg.api_key_env is not None:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise ConfigError(f"api_key_env={cfg.api_key_env}: that environment variable is unset or empty")
+    import ipaddress
+    import logging
+
     from aloe_jax.models.loader import load_model
     from aloe_jax.sampling.chat import ChatEngine
+    from aloe_jax.serving.scheduler import WholeRequestScheduler
     from aloe_jax.serving.server import make_server
 
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        loopback = ipaddress.ip_address(cfg.host).is_loopback
+    except ValueError:
+        loopback = cfg.host == "localhost"
+    if not loopback and api_key is None:
+        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "
+              "(set --api-key-env)", file=sys.stderr, flush=True)
     model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
+    engine = ChatEngine(model, tokenizer)
+    context = cfg.max_context or min(model.cfg.max_position_embeddings, SERVE_CONTEXT_CAP)
+    scheduler = WholeRequestScheduler(engine.sampler, context_length=context, max_batch=cfg.max_batch)
     name = cfg.served_name or cfg.model.path
     try:
-        server = make_server(ChatEngine(model, tokenizer), name, cfg.host, cfg.port, cfg.max_batch)
+        server = make_server(scheduler, tokenizer, name, cfg.host, cfg.port, api_key=api_key,
+                             log_level=cfg.log_level)
     except OSError as err:
         raise AloeError(f"cannot listen on {cfg.host}:{cfg.port}: {err.strerror}") from None
-    host, port = server.server_address[:2]
-    print(f"serving {name!r} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    print(f"serving {name!r} on http://{server.host}:{server.port}/v1 (OpenAI-compatible; Ctrl-C to stop)",
+          flush=True)
+    server.serve_forever()
 
 
 def _enable_compilation_cache() -> None:
