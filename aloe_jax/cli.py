@@ -48,10 +48,12 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"  # loopback only
     port: int = pydantic.Field(8000, ge=0, le=65535)  # 0: any free port
     served_name: str | None = None  # model id clients must send; None: model.path
-    max_batch: int = pydantic.Field(64, gt=0)  # most requests (choices) decoded together
+    max_batch: int = pydantic.Field(16, gt=0)  # request slots: most requests (choices) decoded together
     max_context: int | None = pydantic.Field(None, gt=0)  # tokens per request; None: the model's window, ≤ 4096
     api_key_env: str | None = None  # name of an environment variable holding the API key clients must send
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # info: one access-log line per request
+    kv_dtype: Literal["float32", "bfloat16"] | None = None  # KV cache dtype; None: the model's compute dtype
+    max_cache_gb: float = pydantic.Field(8.0, gt=0)  # the KV cache (max_batch × max_context tokens) must fit in this
 
 
 _MODEL_ALIASES = (
@@ -78,6 +80,7 @@ SERVE_ALIASES = (
           type=int),
     Alias("--api-key-env", "api_key_env", "environment variable holding the bearer key clients must send"),
     Alias("--log-level", "log_level", "debug, info (one access-log line per request), warning or error"),
+    Alias("--kv-dtype", "kv_dtype", "KV cache dtype (bfloat16 halves the cache)", choices=("float32", "bfloat16")),
 )
 SERVE_CONTEXT_CAP = 4096  # default --max-context: the model's window, at most this (the cache is sized by it)
 
@@ -115,8 +118,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
     from aloe_jax.models.loader import load_model
-    from aloe_jax.sampling.chat import ChatEngine
-    from aloe_jax.serving.scheduler import WholeRequestScheduler
+    from aloe_jax.models.tokenizer import stop_token_ids
+    from aloe_jax.sampling.sessions import cache_bytes_per_token
+    from aloe_jax.serving.scheduler import ContinuousScheduler
     from aloe_jax.serving.server import make_server
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -128,9 +132,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "
               "(set --api-key-env)", file=sys.stderr, flush=True)
     model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype)
-    engine = ChatEngine(model, tokenizer)
     context = cfg.max_context or min(model.cfg.max_position_embeddings, SERVE_CONTEXT_CAP)
-    scheduler = WholeRequestScheduler(engine.sampler, context_length=context, max_batch=cfg.max_batch)
+    cache_gb = cfg.max_batch * (context + 1) * cache_bytes_per_token(model, cfg.kv_dtype) / 2**30
+    if cache_gb > cfg.max_cache_gb:
+        raise ConfigError(f"the KV cache for --max-batch {cfg.max_batch} × --max-context {context} takes "
+                          f"{cache_gb:.1f} GB, over max_cache_gb={cfg.max_cache_gb:g}: lower one of them, use "
+                          "--kv-dtype bfloat16, or raise max_cache_gb")
+    scheduler = ContinuousScheduler(model, stop_token_ids(tokenizer), context_length=context,
+                                    max_batch=cfg.max_batch, kv_dtype=cfg.kv_dtype)
     name = cfg.served_name or cfg.model.path
     try:
         server = make_server(scheduler, tokenizer, name, cfg.host, cfg.port, api_key=api_key,
