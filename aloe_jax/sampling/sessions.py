@@ -80,12 +80,27 @@ def _prefill_chunk(length: int) -> int:
     return next((c for c in (_PREFILL_CHUNK, *_PREFILL_CHUNK_ALT) if length % c == 0), length)
 
 
-def _prefill(graphdef, mode: _Mode, state, cache: KVCache, row_ids, new_tokens, new_lengths, offsets,
+def _window(cache: KVCache, row_ids, window: int) -> KVCache:
+    """Rows `row_ids` (None: all) of the cache, first `window` slots: attention then reads only the slots in use."""
+    rows = cache if row_ids is None else jax.tree.map(lambda c: c[row_ids], cache)
+    return rows if window >= cache.length else jax.tree.map(lambda c: c[:, :, :window], rows)
+
+
+def _put_window(cache: KVCache, row_ids, rows: KVCache) -> KVCache:
+    if row_ids is None:
+        if rows.length == cache.length:
+            return rows
+        return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r, (0, 0, 0, 0)), cache, rows)
+    return jax.tree.map(lambda c, r: c.at[row_ids, :, :r.shape[2]].set(r), cache, rows)
+
+
+def _prefill(graphdef, mode: _Mode, window: int, state, cache: KVCache, row_ids, new_tokens, new_lengths, offsets,
              sampling: RowSampling, gen_index) -> tuple[KVCache, Picked]:
     """Write right-padded `new_tokens` `[n, T]` (row i: its first new_lengths[i]) into cache rows `row_ids` at slots
-    offsets[i]..; return the cache and the token picked after each row's last new token. `row_ids` None: all rows."""
+    offsets[i]..; return the cache and the token picked after each row's last new token. `row_ids` None: all rows.
+    Only the first `window` slots of each row are read or written."""
     model = nnx.merge(graphdef, state)
-    rows = cache if row_ids is None else jax.tree.map(lambda c: c[row_ids], cache)
+    rows = _window(cache, row_ids, window)
     n, length = new_tokens.shape
     capacity = rows.length
     chunk = _prefill_chunk(length)
@@ -107,9 +122,7 @@ def _prefill(graphdef, mode: _Mode, state, cache: KVCache, row_ids, new_tokens, 
     rows, last_hidden = jax.lax.fori_loop(0, length // chunk, lambda i, c: one_chunk(i * chunk, c),
                                           (rows, last_hidden))
     picked = _pick_with_logprobs(model.logits(last_hidden[:, None])[:, 0], sampling, gen_index, mode)
-    if row_ids is not None:
-        rows = jax.tree.map(lambda c, r: c.at[row_ids].set(r), cache, rows)
-    return rows, picked
+    return _put_window(cache, row_ids, rows), picked
 
 
 class DecodeState(NamedTuple):
@@ -130,11 +143,13 @@ class DecodeOut(NamedTuple):
     logprobs: _TokenLogprobs | None  # [rows, steps(, n)]
 
 
-def _decode(graphdef, mode: _Mode, steps: int, state, cache: KVCache, decode: DecodeState, stop_ids,
-            sampling: RowSampling) -> tuple[KVCache, DecodeState, DecodeOut]:
+def _decode(graphdef, mode: _Mode, steps: int, window: int, state, full_cache: KVCache, decode: DecodeState,
+            stop_ids, sampling: RowSampling) -> tuple[KVCache, DecodeState, DecodeOut]:
     """Up to `steps` decode steps of every live row (fewer when all rows finish): feed each row's token at its slot,
-    pick the next. Finished rows keep writing at their own slot, which lies past what they hold."""
+    pick the next. Finished rows keep writing at their own slot, which lies past what they hold. Only the first
+    `window` slots of each row are read or written."""
     model = nnx.merge(graphdef, state)
+    cache = _window(full_cache, None, window)
     rows, capacity = decode.token.shape[0], cache.length
     out = jnp.zeros((rows, steps), jnp.int32)
     out_lp = None
@@ -167,20 +182,25 @@ def _decode(graphdef, mode: _Mode, steps: int, state, cache: KVCache, decode: De
     zeros = jnp.zeros((rows,), jnp.int32)
     first = (jnp.int32(0), cache, decode._replace(token_logprobs=None), out, out_lp, zeros, zeros.astype(bool))
     _, cache, decode, out, out_lp, count, stopped = jax.lax.while_loop(running, body, first)
-    return cache, decode, DecodeOut(out, count, stopped, out_lp)
+    return _put_window(full_cache, None, cache), decode, DecodeOut(out, count, stopped, out_lp)
 
 
 @functools.lru_cache(maxsize=None)
-def _prefill_program(graphdef, mode: _Mode, all_rows: bool):
-    fn = functools.partial(_prefill, graphdef, mode)
+def _prefill_program(graphdef, mode: _Mode, all_rows: bool, window: int):
+    fn = functools.partial(_prefill, graphdef, mode, window)
     if all_rows:
         return jax.jit(lambda state, cache, *rest: fn(state, cache, None, *rest), donate_argnums=(1,))
     return jax.jit(fn, donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_program(graphdef, mode: _Mode, steps: int):
-    return jax.jit(functools.partial(_decode, graphdef, mode, steps), donate_argnums=(1,))
+def _decode_program(graphdef, mode: _Mode, steps: int, window: int):
+    return jax.jit(functools.partial(_decode, graphdef, mode, steps, window), donate_argnums=(1,))
+
+
+def _window_size(slots: int, capacity: int) -> int:
+    """The bucket of slots a program reads: few compiled sizes, and never the whole of a mostly empty cache."""
+    return min(bucket(slots, 16, PROMPT_STEP), capacity)
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,21 +335,16 @@ class SessionPool:
         """Make each row hold its prompt (reusing the common prefix) and pick the first token. `reserve[i]`: slots
         row i must have free after its prompt (its token budget). Returns (cached tokens per row, picked)."""
         check_prompts(prompts, self.model.cfg.vocab_size)
-        offsets, fresh = [], []
-        for row, prompt in zip(rows, prompts):
-            keep = min(common_prefix(self._tokens[row], prompt), len(prompt) - 1)  # prefill ≥ 1 token: its logits
-            offsets.append(keep)
-            fresh.append(list(prompt[keep:]))
-        length = bucket(max(map(len, fresh)), 16, PROMPT_STEP)
-        held = max(len(t) for t in self._tokens)
-        self._ensure(max(max(o + length for o in offsets), held + 1,
-                                    max(len(p) + r for p, r in zip(prompts, reserve))))
+        offsets, length, slots = self._plan(rows, prompts, reserve)
+        fresh = [list(prompt[keep:]) for prompt, keep in zip(prompts, offsets)]
+        self._ensure(slots)
         new_tokens = np.zeros((len(rows), length), np.int32)
         for i, ids in enumerate(fresh):
             new_tokens[i, :len(ids)] = ids
         mode = sampling_mode(sampling, self.model.cfg.vocab_size)
         all_rows = list(rows) == list(range(self.rows))
-        program = _prefill_program(self._graphdef, mode, all_rows)
+        window = _window_size(max(keep + length for keep in offsets), self.capacity)
+        program = _prefill_program(self._graphdef, mode, all_rows, window)
         row_args = () if all_rows else (np.asarray(rows, np.int32),)
         self.cache, picked = program(nnx.state(self.model), self.cache, *row_args, new_tokens,
                                      np.asarray([len(f) for f in fresh], np.int32), np.asarray(offsets, np.int32),
@@ -340,6 +355,20 @@ class SessionPool:
         self.reused_tokens += sum(offsets)
         return offsets, picked
 
+    def _plan(self, rows, prompts, reserve) -> tuple[list[int], int, int]:
+        """(tokens each row keeps, padded prefill length, cache slots per row) of prefilling `prompts` into `rows`."""
+        # Prefill ≥ 1 token per row: its logits pick the first new token.
+        offsets = [min(common_prefix(self._tokens[row], p), len(p) - 1) for row, p in zip(rows, prompts)]
+        length = bucket(max(len(p) - keep for p, keep in zip(prompts, offsets)), 16, PROMPT_STEP)
+        # The padded prefill writes up to slot keep + length - 1, and rows outside the call write at their length.
+        slots = max(max(keep + length for keep in offsets), max(len(t) for t in self._tokens) + 1,
+                    max(len(p) + r for p, r in zip(prompts, reserve)))
+        return offsets, length, slots
+
+    def slots_needed(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], reserve: Sequence[int]) -> int:
+        """Cache slots per row that prefilling `prompts` into `rows` (each with `reserve` slots after it) needs."""
+        return self._plan(rows, prompts, reserve)[2]
+
     def _row_sampling(self, sampling: Sequence[SamplingParams], choices: Sequence[int]) -> RowSampling:
         return RowSampling(np.asarray([p.temperature for p in sampling], np.float32),
                            np.asarray([p.top_p for p in sampling], np.float32),
@@ -348,7 +377,9 @@ class SessionPool:
     def decode(self, state: DecodeState, sampling: RowSampling, mode: _Mode, steps: int) -> tuple[DecodeState, DecodeOut]:
         """Up to `steps` decode steps for all rows (`state` and `sampling` are `[rows]`); the caller records which
         tokens each row now holds (`note_decoded`)."""
-        program = _decode_program(self._graphdef, mode, steps)
+        slot, live = np.asarray(state.slot), np.asarray(state.live)
+        window = _window_size(int(np.max(np.where(live, slot + steps, slot + 1))), self.capacity)
+        program = _decode_program(self._graphdef, mode, steps, window)
         self.cache, state, out = program(nnx.state(self.model), self.cache, state, self.stop_ids, sampling)
         return state, out
 
@@ -462,7 +493,7 @@ class SessionCache:
         self.pools.append(pool)
         rows = self._assign(pool, prompts, reuse)
         budgets = row_budgets(len(prompts), params, max_new_tokens)
-        self._make_room(pool, max(len(p) + b for p, b in zip(prompts, budgets)) + 1)
+        self._make_room(pool, pool.slots_needed(rows, prompts, budgets))
         return pool.generate(rows, prompts, params, budgets, choices=list(range(len(prompts))))
 
     def _best_pool(self, prompts) -> tuple[SessionPool | None, list[tuple[int, int | None]]]:
@@ -476,11 +507,16 @@ class SessionCache:
                 held = pool._tokens[row]
                 if held:
                     by_first.setdefault(held[0], []).append(row)
-            reuse = []
+            reuse, total = [], 0
             for prompt in prompts:
                 scored = [(common_prefix(pool._tokens[r], prompt), r) for r in by_first.get(prompt[0], [])]
-                reuse.append(max(scored, default=(0, None)))
-            total = sum(n for n, _ in reuse)
+                n, row = max(scored, default=(0, None))
+                reuse.append((n, row))
+                # Only a prompt that continues its row (or mostly lies in it) makes the pool this call's: a match on
+                # the template's first tokens alone ("<|im_start|>system\nYou are") would hand another role's rows
+                # to this call, and the two roles would overwrite each other's sessions every turn.
+                if True:
+                    total += n
             if total > best_total:
                 best, best_total, best_reuse = pool, total, reuse
         return best, best_reuse
