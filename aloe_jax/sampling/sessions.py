@@ -515,7 +515,7 @@ class SessionCache:
                 # Only a prompt that continues its row (or mostly lies in it) makes the pool this call's: a match on
                 # the template's first tokens alone ("<|im_start|>system\nYou are") would hand another role's rows
                 # to this call, and the two roles would overwrite each other's sessions every turn.
-                if True:
+                if row is not None and 2 * n >= min(len(pool._tokens[row]), len(prompt)):
                     total += n
             if total > best_total:
                 best, best_total, best_reuse = pool, total, reuse
