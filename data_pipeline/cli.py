@@ -55,7 +55,9 @@ def _cmd_personas(args: argparse.Namespace) -> None:
     meter = UsageMeter(cfg.prices)
     cache = CallCache(cfg.cache)
     try:
-        generator = Role("persona_generator", make_backend(cfg.roles.persona_generator.backend), cache, meter)
+        # One-shot prompts (fresh examples each call): nothing for a session cache to keep, only memory to hold.
+        backend = cfg.roles.persona_generator.backend.model_copy(update={"sessions": False})
+        generator = Role("persona_generator", make_backend(backend), cache, meter)
         report = personas.grow_pool(cfg, generator, SentenceEncoder())
     finally:
         cache.close()

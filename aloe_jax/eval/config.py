@@ -9,11 +9,13 @@ import pydantic
 from aloe_jax.core.config import StrictModel
 from aloe_jax.eval.cases import ALOE_CASES
 from aloe_jax.llm.base import GenerationParams
-from aloe_jax.llm.roles import BackendConfig, LocalModel
+from aloe_jax.llm.roles import BackendConfig, LocalModel, SessionOptions
 
 
-class ModelUnderTest(LocalModel):
-    """The model being evaluated: decoded in process by our sampler, all cases of a turn in one batch."""
+class ModelUnderTest(LocalModel, SessionOptions):
+    """The model being evaluated: decoded in process by our sampler, all cases of a turn in one batch, through
+    session caches by default (`sessions`, `kv_dtype`, `session_cache_gb`: see SessionOptions); roles naming the same
+    in-process model with the same dtype and session options share it (and its session cache, a pool per role)."""
 
     system_prompt: str | None = None  # None: the conversation alone, as the benchmark specifies
     generation: GenerationParams = GenerationParams(temperature=0.0, max_tokens=96)

@@ -52,6 +52,10 @@ def protocol_card(cfg: EvalConfig, model_name: str, simulator_name: str, judge_n
         "judge": judge_name, "judge_method": cfg.judge.resolved_method(), "judge_max_retries": cfg.judge.max_retries,
         "judge_history_turns": cfg.judge.history_turns,
         "prompt_hash": prompts.prompt_hash(), "seed": cfg.seed, "cases": cfg.cases, "turns": cfg.turns,
+        # Sessions give the records of a full re-prefill, so they are not on the card; a KV cache kept in another
+        # dtype than the computation's is (only when set: folders written before the key existed stay valid).
+        **({"model_kv_dtype": cfg.model.kv_dtype}
+           if cfg.model.sessions and cfg.model.kv_dtype not in (None, cfg.model.dtype) else {}),
     }
 
 
@@ -180,11 +184,12 @@ def build_runner(cfg: EvalConfig, out_dir: str, meter: UsageMeter | None = None)
     cases = load_cases(cfg.aloe_data, cfg.cases)
     mesh = make_mesh(MeshConfig(data=-1)) if cfg.model.use_mesh and jax.device_count() > 1 else None
     model, tokenizer = load_model(cfg.model.path, param_dtype=cfg.model.dtype, dtype=cfg.model.dtype, mesh=mesh)
-    engine = ChatEngine(model, tokenizer, mesh)
+    engine = ChatEngine(model, tokenizer, mesh, **cfg.model.session_kwargs())
 
     def backend_for(backend_cfg):
         if (backend_cfg.kind == "jax" and _same_model(backend_cfg.model, cfg.model.path)
-                and backend_cfg.dtype == cfg.model.dtype):
+                and backend_cfg.dtype == cfg.model.dtype
+                and backend_cfg.session_kwargs() == cfg.model.session_kwargs()):
             return JaxBackend(engine=engine, name=f"jax:{backend_cfg.model}")
         return make_backend(backend_cfg)
 

@@ -33,7 +33,8 @@ class ChatResult:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
-    cached: bool = False
+    cached: bool = False  # from the call cache (nothing was computed)
+    cached_tokens: int = 0  # of prompt_tokens: found in the backend's session cache instead of prefilled
 
 
 class ChatBackend(Protocol):

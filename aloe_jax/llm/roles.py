@@ -8,6 +8,7 @@ import json
 from typing import Literal, Sequence
 
 import numpy as np
+import pydantic
 
 from aloe_jax.core.config import StrictModel
 from aloe_jax.llm.base import ChatBackend, ChatResult, Conversation, GenerationParams
@@ -25,9 +26,35 @@ class LocalModel(StrictModel):
     dtype: DType = "float32"
 
 
-class BackendConfig(StrictModel):
+class SessionOptions(StrictModel):
+    """How an in-process model keeps conversations between calls (`sampling/sessions.py`).
+
+    - `sessions`: decode replies through session caches: each conversation of a call is matched to the cache row
+      holding its longest prefix, so a role sending the whole conversation every turn prefills only what is new. The
+      replies are those of a full re-prefill; the roles sharing one model each get a pool of rows of their own.
+    - `kv_dtype`: dtype of the kept keys and values; None: the compute dtype (`dtype`). bfloat16 halves the cache
+      (and, on a float32 model, is no longer an exact re-prefill).
+    - `session_cache_gb`: GiB the kept caches may take together; past it the least recently used pool (one role's
+      rows) is dropped and that role prefills its next call in full. A role whose prompts share little with its
+      previous ones (only a template header) gets a fresh pool, so the caches do fill up to this bound.
+
+    Persona generation (one-shot prompts) runs without sessions whatever the key says.
+    """
+
+    sessions: bool = True
+    kv_dtype: DType | None = None
+    session_cache_gb: float = pydantic.Field(8.0, gt=0)
+
+    def session_kwargs(self) -> dict:
+        """The ChatEngine / JaxBackend keyword arguments of these options."""
+        return dict(sessions=self.sessions, kv_dtype=self.kv_dtype,
+                    session_cache_bytes=int(self.session_cache_gb * 2**30))
+
+
+class BackendConfig(SessionOptions):
     """Which backend runs a role: `jax` (in-process model: `model` is a path or preset) or `openai` (any
-    OpenAI-compatible endpoint: `model` is the served model name)."""
+    OpenAI-compatible endpoint: `model` is the served model name). `dtype` and the session options
+    (`sessions`, `kv_dtype`, `session_cache_gb`: see SessionOptions) apply to `jax` only."""
 
     kind: Literal["jax", "openai"] = "jax"
     model: str = "smollm2-135m"
@@ -49,7 +76,7 @@ def _backend_from_json(config_json: str) -> ChatBackend:
                              max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
     from aloe_jax.llm.jax_backend import JaxBackend
 
-    return JaxBackend(cfg.model, dtype=cfg.dtype)
+    return JaxBackend(cfg.model, dtype=cfg.dtype, **cfg.session_kwargs())
 
 
 def make_backend(cfg: BackendConfig) -> ChatBackend:
@@ -85,7 +112,8 @@ class Role:
                     self.cache.put(keys[i], {k: v for k, v in vars(result).items() if k != "cached"})
         if self.meter is not None:
             for r in results:
-                self.meter.record(self.name, self.backend.name, r.prompt_tokens, r.completion_tokens, r.cached)
+                self.meter.record(self.name, self.backend.name, r.prompt_tokens, r.completion_tokens, r.cached,
+                                  r.cached_tokens)
         return results
 
     def score_options(self, conversations: Sequence[Conversation], options: Sequence[str]) -> np.ndarray | None:

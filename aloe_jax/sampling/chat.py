@@ -2,6 +2,11 @@
 
 A reply is the decoded *generated token ids* — never text split on a template marker, which breaks as soon as the
 template changes (the original ALOE split on a Llama-3-only header).
+
+With sessions on, replies are decoded through a `SessionCache` (`sampling/sessions.py`): each conversation is matched
+to the cache row holding its longest prefix, so a caller sending whole conversations turn after turn prefills only
+what is new. The replies are the same as without (a session turn is a re-prefill computed in fewer steps); scoring
+does not use the sessions.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from jax.sharding import Mesh
 from aloe_jax.models.decoder import Decoder
 from aloe_jax.sampling.sampler import Sampler, SamplingParams
 from aloe_jax.sampling.scoring import score_options
+from aloe_jax.sampling.sessions import SessionCache
 from aloe_jax.models.tokenizer import encode_chat, stop_token_ids
 
 
@@ -30,16 +36,27 @@ class ChatReply:
     # With SamplingParams.top_logprobs set (see sampler.Generation): per token of token_ids.
     logprobs: tuple[float, ...] | None = None
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    cached_tokens: int = 0  # prompt tokens found in a session cache row instead of prefilled (0 without sessions)
 
 
 class ChatEngine:
-    """Replies to, and scores options for, batches of HF-format conversations with one in-process model."""
+    """Replies to, and scores options for, batches of HF-format conversations with one in-process model.
 
-    def __init__(self, model: Decoder, tokenizer, mesh: Mesh | None = None):
+    `sessions`: True decodes replies through a `SessionCache` of `session_cache_bytes` at most, its KV in `kv_dtype`
+    (None: the model's compute dtype); a SessionCache may also be given (then the other two are its own). Callers that
+    share the engine (several roles on one model) each end up with a pool of their own rows.
+    """
+
+    def __init__(self, model: Decoder, tokenizer, mesh: Mesh | None = None, sessions: bool | SessionCache = False,
+                 kv_dtype: str | None = None, session_cache_bytes: int = 8 * 2**30):
         self.model, self.tokenizer = model, tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        self.sampler = Sampler(model, pad_id=self.pad_id, stop_ids=stop_token_ids(tokenizer), mesh=mesh)
+        stop_ids = stop_token_ids(tokenizer)
+        self.sampler = Sampler(model, pad_id=self.pad_id, stop_ids=stop_ids, mesh=mesh)
+        if sessions is True:
+            sessions = SessionCache(model, stop_ids, kv_dtype, int(session_cache_bytes), mesh)
+        self.sessions: SessionCache | None = sessions or None
 
     def prompt_ids(self, conversation: Sequence[dict]) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation prompt."""
@@ -49,7 +66,10 @@ class ChatEngine:
               max_new_tokens: list[int] | None = None) -> list[ChatReply]:
         """One reply per conversation, all decoded as one batch."""
         prompts = [self.prompt_ids(c) for c in conversations]
-        generations = self.sampler.generate(prompts, params, max_new_tokens)
+        if self.sessions is not None:
+            generations = self.sessions.generate(prompts, params, max_new_tokens)
+        else:
+            generations = self.sampler.generate(prompts, params, max_new_tokens)
         return [
             ChatReply(
                 text=self.tokenizer.decode(g.tokens, skip_special_tokens=True).strip(),
@@ -59,6 +79,7 @@ class ChatEngine:
                 token_ids=tuple(g.tokens),
                 logprobs=None if g.logprobs is None else tuple(g.logprobs),
                 top_logprobs=None if g.top_logprobs is None else tuple(tuple(t) for t in g.top_logprobs),
+                cached_tokens=getattr(g, "cached_tokens", 0),
             )
             for g in generations
         ]
