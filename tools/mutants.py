@@ -53,6 +53,7 @@ _NO_KEY_RECORDED = ("tests/test_llm.py::test_backend_name_holds_no_key_from_the_
                     "tests/test_faults.py::test_trees_on_an_endpoint_that_turns_malformed_keeps_committed_turns_and_"
                     "records_no_key")
 _LORA = "tests/test_lora.py"
+_GGUF_LOGITS = "tests/test_gguf.py::test_tiny_gguf_logits_match_the_dequantised_weights_in_transformers"
 
 MUTANTS: list[Mutant] = [
     # --- DPO objective and its step -------------------------------------------------------------------------------
@@ -430,4 +431,33 @@ MUTANTS: list[Mutant] = [
            "            ref_params = lora.adapter_off(params)", "            ref_params = params",
            (f"{_LORA}::test_dpo_reference_is_the_base_without_the_adapters_and_no_copy_is_held",),
            "LoRA DPO's reference is the adapted policy itself: every margin stays 0 and nothing is learnt"),
+    # --- GGUF files of a supported family ----------------------------------------------------------------------------
+    Mutant("gguf_llama_qk_not_unpermuted", "aloe_jax/models/gguf.py",
+           'if cfg.model_type == "llama" \\\n', 'if cfg.model_type == "qwen2" \\\n',
+           (f"{_GGUF_LOGITS}[llama3-Q8_0]", f"{_GGUF_LOGITS}[qwen2-F16]"),
+           "llama q/k kept in llama.cpp's interleaved rotary order (and qwen2's, written in HF order, permuted)"),
+    Mutant("gguf_bias_not_unpermuted", "aloe_jax/models/gguf.py",
+           'if name.rsplit(".", 1)[0].endswith(proj):', 'if name.endswith(f"{proj}.weight"):',
+           (f"{_GGUF_LOGITS}[llama3-Q4_K]",), "a llama's q/k biases stay permuted while their weights are restored"),
+    Mutant("gguf_qkv_biases_dropped", "aloe_jax/models/gguf.py",
+           "            qkv_bias=qkv_bias,\n", "            qkv_bias=False,\n",
+           (f"{_GGUF_LOGITS}[qwen2-F16]",), "a qwen2 GGUF's q/k/v biases are read but never put in the model"),
+    Mutant("gguf_always_tied", "aloe_jax/models/gguf.py",
+           'tie_word_embeddings="output.weight" not in tensors,', "tie_word_embeddings=True,",
+           (f"{_GGUF_LOGITS}[llama3-Q8_0]", f"{_GGUF_LOGITS}[qwen2-Q6_K]"),
+           "an untied GGUF's output.weight is ignored and the embedding used as the head"),
+    Mutant("gguf_never_tied", "aloe_jax/models/gguf.py",
+           'tie_word_embeddings="output.weight" not in tensors,', "tie_word_embeddings=False,",
+           (f"{_GGUF_LOGITS}[qwen2_tied-Q8_0]",), "a tied GGUF (no output.weight) cannot load"),
+    Mutant("gguf_rope_freqs_ignored", "aloe_jax/models/gguf.py",
+           "rope_freqs = tensors.get(_ROPE_FREQS)", "rope_freqs = None",
+           (f"{_GGUF_LOGITS}[llama3-Q8_0]",), "a Llama 3.1 GGUF's RoPE scaling (rope_freqs) is dropped"),
+    Mutant("gguf_qwen2_split_as_llama3", "aloe_jax/models/gguf.py",
+           '"qwen2": _QWEN2_SPLIT,', '"qwen2": _LLAMA3_SPLIT,',
+           ("tests/test_gguf.py::test_tiny_f16_gguf_matches_transformers_own_gguf_loading[qwen2]",),
+           "a Qwen2 GGUF's text is split with Llama 3's regex (digits in threes): other token ids than Qwen2's"),
+    Mutant("gguf_stock_template_ignored", "aloe_jax/models/gguf.py",
+           "        return stock\n", "        return chat_template('chatml-smollm2')\n",
+           ("tests/test_gguf.py::test_a_family_our_templates_do_not_cover_uses_the_files_chat_template",),
+           "a family our templates do not cover gets a ChatML template its vocabulary cannot spell"),
 ]

@@ -1,5 +1,6 @@
 """Resolve what a user names as a model — the embedded default, a preset, an HF folder (local or gs://), a trainer
-checkpoint (local or gs://) — to a loaded decoder and its tokenizer."""
+checkpoint (local or gs://), a GGUF file of a supported family (local or gs://) — to a loaded decoder and its
+tokenizer, and say where its weights come from (`model_source`, for run records)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def load_model(
     options: RuntimeOptions = RuntimeOptions(),
     merge_lora: bool = True,
 ) -> tuple[Decoder, object]:
-    """(decoder, tokenizer) for `spec`: None/"smollm2" (embedded), a local/gs:// HF folder, or a trainer run
-    folder (`<run>`, `<run>/checkpoints`: latest step; `<run>/checkpoints/<step>`: that step), local or gs://.
+    """(decoder, tokenizer) for `spec`: None/"smollm2" (embedded), a local/gs:// HF folder, a `.gguf` file (llama or
+    qwen2; dequantised), or a trainer run folder (`<run>`, `<run>/checkpoints`: latest step; `<run>/checkpoints/<step>`:
+    that step), local or gs://.
 
     With a mesh, parameters are placed on it by the default sharding rules as they load. A LoRA run's adapters are
     merged into the weights, or kept beside them with `merge_lora=False`.
@@ -86,9 +88,14 @@ def _load_as_stored(spec: str, dtypes: dict, mesh: Mesh | None, options: Runtime
         )
     if not storage.exists(spec):
         raise ModelLoadError(
-            f"model {spec!r} is neither an existing path nor a known model; use an HF folder (local or gs://) "
-            f"or {DEFAULT_MODEL}"
+            f"model {spec!r} is neither an existing path nor a known model; use an HF folder (local or gs://), "
+            f"a .gguf file, a trainer run folder or {DEFAULT_MODEL}"
         )
+    if is_gguf(spec):
+        path = storage.localize(spec)
+        cfg = gguf.gguf_config(path, **dtypes)
+        shardings = sharding.param_shardings(abstract_model(cfg, options), mesh) if mesh is not None else None
+        return gguf.load_gguf(path, **dtypes, shardings=shardings, options=options)
     checkpoint = _load_checkpoint(spec, dtypes, mesh, options)
     if checkpoint is not None:
         return checkpoint
@@ -123,3 +130,42 @@ def _load_checkpoint(spec: str, dtypes: dict, mesh: Mesh | None, options: Runtim
         for path, variable in nnx.to_flat_state(abstract)])
     params = restore_params(run_dir, step, targets)
     return nnx.merge(graphdef, params), load_tokenizer(storage.join(run_dir, MODEL_DIR), cfg.model_type)
+
+
+def is_gguf(spec: str) -> bool:
+    """Whether a model spec names a GGUF file (by its extension)."""
+    return str(spec).lower().endswith(".gguf")
+
+
+def model_source(spec: str | None = None) -> dict:
+    """Where the weights `load_model(spec)` loads come from, without loading them: `{"format": "gguf", "file",
+    "quantization" (the dominant tensor type), "tensor_types", "dequantized_to"}` for the embedded model and .gguf
+    files, `{"format": "hf", "dtype"}` for an HF folder (dtype as its config.json states), `{"format": "checkpoint",
+    "base_model", "base_source"}` for a trainer run (the base's source when it still resolves)."""
+    import json
+
+    from aloe_jax.core.errors import AloeError
+    from aloe_jax.models import gguf
+    from aloe_jax.models.run_folder import read_run_info, resolve_checkpoint
+
+    spec = spec or DEFAULT_MODEL
+    if spec.lower() in EMBEDDED_NAMES:
+        return {**gguf.gguf_source(gguf.smollm2_gguf_path()), "model": DEFAULT_MODEL}
+    if spec in HF_PRESETS or not storage.exists(spec):
+        raise ModelLoadError(f"model {spec!r} is neither an existing path nor the embedded {DEFAULT_MODEL}")
+    if is_gguf(spec):
+        return gguf.gguf_source(storage.localize(spec))
+    found = resolve_checkpoint(spec)
+    if found is not None:
+        run_dir, step = found
+        base = read_run_info(run_dir).get("base_model")
+        try:
+            base_source = model_source(base) if base else None
+        except AloeError:
+            base_source = None  # the base is gone or moved: the run's record still names it
+        return {"format": "checkpoint", "step": step, "base_model": base, "base_source": base_source}
+    try:
+        hf = json.loads(storage.read_text(storage.join(spec, "config.json")))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, json.JSONDecodeError):
+        raise ModelLoadError(f"{spec!r} has no readable config.json: expected an HF model folder") from None
+    return {"format": "hf", "dtype": hf.get("torch_dtype") or hf.get("dtype")}
