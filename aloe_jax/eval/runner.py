@@ -161,6 +161,18 @@ def score_matrix(records: list[dict], case_ids: Sequence[str], turns: int,
     return scores
 
 
+def model_sources(cfg: EvalConfig) -> dict:
+    """Each role's weights: format and quantisation (`aloe_jax.models.loader.model_source`: the embedded SmolLM2 is a
+    Q4_1 GGUF dequantised to float32), or the served model's name for a role on an OpenAI-compatible endpoint."""
+    from aloe_jax.models.loader import model_source
+
+    def source(backend) -> dict:
+        return model_source(backend.model) if backend.kind == "jax" else {"format": "api", "model": backend.model}
+
+    return {"model": model_source(cfg.model.path), "simulator": source(cfg.simulator.backend),
+            "judge": source(cfg.judge.backend)}
+
+
 def _same_model(a: str, b: str) -> bool:
     from aloe_jax.models.loader import EMBEDDED_NAMES
 
@@ -200,4 +212,5 @@ def build_runner(cfg: EvalConfig, out_dir: str, meter: UsageMeter | None = None)
     judge = Judge(judge_role, cfg.judge.resolved_method(), cfg.judge.max_retries, cfg.judge.max_tokens)
     card = protocol_card(cfg, cfg.model.path, simulator.backend.name, judge_role.backend.name)
     card["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}" + (" (mesh)" if mesh else "")
+    card["model_sources"] = model_sources(cfg)
     return EvalRunner(cfg, cases, engine, simulator, judge, out_dir, card, meter)
