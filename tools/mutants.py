@@ -53,6 +53,11 @@ _NO_KEY_RECORDED = ("tests/test_llm.py::test_backend_name_holds_no_key_from_the_
                     "tests/test_faults.py::test_trees_on_an_endpoint_that_turns_malformed_keeps_committed_turns_and_"
                     "records_no_key")
 _LORA = "tests/test_lora.py"
+_SESSIONS = "tests/test_sessions.py"
+_SESSION_TURNS = f"{_SESSIONS}::test_session_turns_equal_full_reprefill_for_every_family[llama3]"
+_SESSION_OPS = f"{_SESSIONS}::test_fork_spill_restore_and_truncate_keep_turns_equal"
+_SESSION_SAMPLED = f"{_SESSIONS}::test_sampled_turns_and_forked_groups_draw_what_the_stateless_sampler_draws"
+_SESSION_ROOM = f"{_SESSIONS}::test_max_bytes_counts_the_capacity_a_turn_really_takes"
 _GGUF_LOGITS = "tests/test_gguf.py::test_tiny_gguf_logits_match_the_dequantised_weights_in_transformers"
 
 MUTANTS: list[Mutant] = [
@@ -199,6 +204,31 @@ MUTANTS: list[Mutant] = [
            "where = jnp.minimum(starts[:, None] + 1 + jnp.arange(targets.shape[1]), tokens.shape[1] - 1)",
            (f"{_SAMPLER}::test_option_scores_equal_full_forward_log_probs",),
            "option tokens scored from the position after the one that predicts them"),
+    # --- session caches: KV rows kept across calls, each at its own length -----------------------------------------
+    Mutant("session_rows_written_at_row_0s_slot", "aloe_jax/models/decoder.py",
+           "return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(cache, new, cache_index)",
+           "return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index[0], 0))",
+           (_SESSION_TURNS,), "every row of a session pool writes its new KV at the first row's slot"),
+    Mutant("session_keeps_one_diverged_token", "aloe_jax/sampling/sessions.py",
+           "return int(differ[0]) if differ.size else n", "return int(differ[0]) + 1 if differ.size else n",
+           (_SESSION_TURNS,), "a row whose held reply the next prompt re-writes keeps the first differing token"),
+    Mutant("session_prefills_nothing_of_a_held_prompt", "aloe_jax/sampling/sessions.py",
+           "offsets = [min(common_prefix(self._tokens[row], p), len(p) - 1) for row, p in zip(rows, prompts)]",
+           "offsets = [common_prefix(self._tokens[row], p) for row, p in zip(rows, prompts)]",
+           (_SESSION_OPS,), "a prompt the row holds whole (a regenerated turn, an RL group) is not prefilled at all: "
+           "no logits pick its first token"),
+    Mutant("session_fork_copies_no_cache", "aloe_jax/sampling/sessions.py",
+           "self.cache = _copy_row(self.cache, np.int32(src), np.int32(dst))", "pass",
+           (_SESSION_OPS,), "a forked row claims the source's tokens but keeps its own KV"),
+    Mutant("session_choices_ignored", "aloe_jax/sampling/sessions.py",
+           "choices = list(range(len(prompts))) if choices is None else list(choices)",
+           "choices = list(range(len(prompts)))",
+           (_SESSION_SAMPLED,), "rows of a session call draw as the sampler's first rows whatever `choices` says"),
+    Mutant("session_room_for_prompt_and_budget_only", "aloe_jax/sampling/sessions.py",
+           "self._make_room(pool, pool.slots_needed(rows, prompts, budgets))",
+           "self._make_room(pool, max(len(p) + b for p, b in zip(prompts, budgets)) + 1)",
+           (_SESSION_ROOM,), "SessionCache's eviction misses the bucket that a turn's padded prefill grows its pool "
+           "to: the pools pass max_bytes"),
     # --- ALOE metrics, judge and report ---------------------------------------------------------------------------
     Mutant("al_counts_missing_as_zero", "aloe_jax/eval/metrics.py",
            "al = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)",
