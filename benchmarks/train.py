@@ -1,8 +1,13 @@
 """Training speed: aloe-jax's SFT and DPO steps vs TRL's SFTTrainer and DPOTrainer (PyTorch), on SmolLM2-135M-Instruct.
 
 Same weights (ours exported to an HF folder that TRL loads), same conversations, same rows or pairs per optimizer
-step, AdamW at lr 1e-5, DPO sigmoid loss with ALOE's β 0.9, fp32 on both sides (the fastest setting on a CPU without
-bf16 units; pass --dtype bfloat16 on hardware that has them).
+step, AdamW at lr 1e-5, DPO sigmoid loss with ALOE's β 0.9.
+
+Precision: this CPU has AVX512-BF16, which torch's oneDNN GEMMs use, so each side runs in fp32 and in bf16 and the
+ratio is against the faster TRL configuration. Ours: fp32 parameters, activations fp32 or bf16 (`--ours`). TRL
+(`--peer`): `fp32`; `bf16-amp`, TRL's `bf16=True` (fp32 weights and optimizer, autocast to bf16: what its docs
+recommend); `bf16`, the model loaded with `dtype=torch.bfloat16` and `bf16=True` (weights, gradients and AdamW state
+in bf16 — faster, less exact).
 
 Data: synthetic 10-turn trees with ALOE-like lengths (benchmarks/packing.make_trees), every turn continued with the
 preferred reply, so a tree's preferred path is exactly the conversation TRL's SFT trains on.
@@ -20,6 +25,7 @@ so this is also length-grouped). Times are steady state: the mean step after one
 TRL: first-step allocations), and the printout gives the tokens each side actually pushed through the model.
 
     .venv/bin/python -m benchmarks.train [--sft-rows 2] [--dpo-trees 1] [--steps 2] [--only sft|dpo]
+        [--ours float32 bfloat16] [--peer fp32 bf16-amp bf16] [--trl-sft-padding padded padding-free]
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ TURNS = 10
 LR = 1e-5
 BETA = 0.9
 BUCKET = 128  # our fixed seq_len: the longest row rounded up to this
+OURS = ("float32", "bfloat16")
+PEERS = ("fp32", "bf16-amp", "bf16")
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def make_data(count: int, turns: int = TURNS):
@@ -125,18 +134,33 @@ def _per_step(trainer, micro_per_step: int) -> tuple[list[float], list[int]]:
     return seconds, tokens
 
 
-def _trl_args(config_cls, out: str, steps: int, rows: int, accumulation: int, dtype: str, **extra):
+def _peer_model(folder: str, peer: str):
+    """The HF model as the TRL configuration `peer` loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if peer == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+
+
+def describe_peer(peer: str) -> str:
+    return {"fp32": "fp32 weights and compute",
+            "bf16-amp": "bf16=True: fp32 weights/AdamW, autocast bf16 compute",
+            "bf16": "dtype=torch.bfloat16 + bf16=True: bf16 weights, gradients, AdamW state"}[peer]
+
+
+def _trl_args(config_cls, out: str, steps: int, rows: int, accumulation: int, peer: str, **extra):
     return config_cls(output_dir=out, max_steps=steps, per_device_train_batch_size=rows,
                       gradient_accumulation_steps=accumulation, learning_rate=LR, lr_scheduler_type="constant",
-                      warmup_steps=0, max_length=None, use_cpu=True, bf16=dtype == "bfloat16", report_to="none",
+                      warmup_steps=0, max_length=None, use_cpu=True, bf16=peer != "fp32", report_to="none",
                       save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
                       train_sampling_strategy="sequential", dataloader_num_workers=0, **extra)
 
 
-def bench_trl_sft(folder: str, tokenizer, trees, rows: int, steps: int, dtype: str, padding_free: bool):
+def bench_trl_sft(folder: str, tokenizer, trees, rows: int, steps: int, peer: str, padding_free: bool):
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from aloe_jax.models.tokenizer import encode_chat
@@ -148,17 +172,17 @@ def bench_trl_sft(folder: str, tokenizer, trees, rows: int, steps: int, dtype: s
         examples.append({"input_ids": ids, "assistant_masks": mask})
     with tempfile.TemporaryDirectory() as out:
         trainer = _step_clock(SFTTrainer)(
-            model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-            args=_trl_args(SFTConfig, out, steps + 1, rows, 1, dtype, padding_free=padding_free),
+            model=_peer_model(folder, peer),
+            args=_trl_args(SFTConfig, out, steps + 1, rows, 1, peer, padding_free=padding_free),
             train_dataset=Dataset.from_list(examples), processing_class=AutoTokenizer.from_pretrained(folder))
         trainer.train()
     return _per_step(trainer, 1)
 
 
-def bench_trl_dpo(folder: str, trees, pairs_per_step: int, micro: int, steps: int, dtype: str):
+def bench_trl_dpo(folder: str, trees, pairs_per_step: int, micro: int, steps: int, peer: str):
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
@@ -169,8 +193,8 @@ def bench_trl_dpo(folder: str, trees, pairs_per_step: int, micro: int, steps: in
         raise SystemExit(f"--trl-dpo-micro {micro} must divide the {pairs_per_step} pairs of a step")
     with tempfile.TemporaryDirectory() as out:
         trainer = _step_clock(DPOTrainer)(
-            model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-            args=_trl_args(DPOConfig, out, steps + 1, micro, pairs_per_step // micro, dtype, beta=BETA,
+            model=_peer_model(folder, peer),
+            args=_trl_args(DPOConfig, out, steps + 1, micro, pairs_per_step // micro, peer, beta=BETA,
                            loss_type=["sigmoid"]),
             train_dataset=Dataset.from_list(examples), processing_class=AutoTokenizer.from_pretrained(folder))
         trainer.train()
@@ -190,8 +214,13 @@ def main() -> None:
     parser.add_argument("--dpo-trees", type=int, default=1, help="10-turn trees (10 pairs each) per DPO step")
     parser.add_argument("--trl-dpo-micro", type=int, default=2, help="TRL DPO examples per forward pass")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after one warm-up)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--ours", nargs="+", choices=OURS, default=list(OURS), help="our compute dtypes")
+    parser.add_argument("--peer", nargs="+", choices=PEERS, default=list(PEERS), help="TRL precision settings")
+    parser.add_argument("--trl-sft-padding", nargs="+", choices=("padded", "padding-free"),
+                        default=["padded", "padding-free"], help="TRL SFT batching settings to run")
     parser.add_argument("--only", choices=("sft", "dpo"))
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                        help="torch intra-op threads (1 is steadier on a machine shared with other jobs)")
     args = parser.parse_args()
 
     import jax
@@ -200,7 +229,7 @@ def main() -> None:
     from aloe_jax.models.loader import load_model
     from aloe_jax.models.weights import export_hf
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     model, tokenizer = load_model(None)
     folder = tempfile.mkdtemp(prefix="smollm2_hf_")
     export_hf(model, tokenizer, folder)
@@ -209,51 +238,67 @@ def main() -> None:
     import trl
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
-          f"({jax.devices()[0].device_kind}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"({jax.devices()[0].device_kind}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}), "
           f"transformers {transformers.__version__}, trl {trl.__version__}")
-    print(f"SmolLM2-135M-Instruct, {args.dtype}; AdamW lr {LR}; {TURNS}-turn synthetic trees; "
-          f"{args.steps} timed steps after 1 warm-up per configuration")
-    results = []
+    print(f"SmolLM2-135M-Instruct; AdamW lr {LR}; {TURNS}-turn synthetic trees; {args.steps} timed steps after 1 "
+          "warm-up per configuration, configurations back to back in this run")
+    for dt in args.ours:
+        print(f"  aloe-jax {SHORT[dt]}: fp32 parameters and AdamW, {dt} activations")
+    for peer in args.peer:
+        print(f"  TRL {peer}: {describe_peer(peer)}, attn_implementation='sdpa'")
+    summary = []
+
+    def compare(title: str, unit: str, ours: dict, peers: dict) -> None:
+        faster = max(peers, key=lambda name: peers[name])
+        for name, rate in ours.items():
+            ratio = rate / peers[faster]
+            print(f"  ratio {name} / {faster} (the faster peer): {ratio:.2f}x")
+            summary.append(f"{title} {name} {rate:.2f} {unit} = {ratio:.2f}x {faster}")
 
     if args.only in (None, "sft"):
         trees = make_data((args.steps + 1) * args.sft_rows, TURNS)
-        ours_s, ours_tok, seq_len = bench_aloe("sft", trees, args.sft_rows, args.steps, args.dtype)
-        ours_rate, ours_step = _rate(ours_s, ours_tok)
         print(f"\nSFT, {args.sft_rows} conversations per step")
-        print(f"  aloe-jax      : {ours_rate:8.1f} tokens/s  ({ours_step:.1f} s/step; rows padded to {seq_len}, "
-              f"{sum(ours_tok) // len(ours_tok)} real tokens/step)")
-        best = None
-        for padding_free in (False, True):
-            trl_s, trl_tok = bench_trl_sft(folder, tokenizer, trees, args.sft_rows, args.steps, args.dtype,
-                                           padding_free)
-            rate, step = _rate(trl_s, trl_tok)
-            name = "padding-free" if padding_free else "padded"
-            print(f"  TRL {name:<12}: {rate:8.1f} tokens/s  ({step:.1f} s/step; "
-                  f"{sum(trl_tok) // len(trl_tok)} real tokens/step)")
-            best = max(best or (0, ""), (rate, name))
-        ratio = ours_rate / best[0]
-        print(f"  ratio aloe-jax / TRL ({best[1]}): {ratio:.2f}x  (goal >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})")
-        results.append(("SFT tokens/s", ratio))
+        ours = {}
+        for dt in args.ours:
+            ours_s, ours_tok, seq_len = bench_aloe("sft", trees, args.sft_rows, args.steps, dt)
+            rate, step = _rate(ours_s, ours_tok)
+            ours[f"aloe-jax {SHORT[dt]}"] = rate
+            print(f"  aloe-jax {SHORT[dt]:<17}: {rate:8.1f} tokens/s  ({step:.1f} s/step; rows padded to {seq_len}, "
+                  f"{sum(ours_tok) // len(ours_tok)} real tokens/step)")
+        peers = {}
+        for peer in args.peer:
+            for padding in args.trl_sft_padding:
+                trl_s, trl_tok = bench_trl_sft(folder, tokenizer, trees, args.sft_rows, args.steps, peer,
+                                               padding == "padding-free")
+                rate, step = _rate(trl_s, trl_tok)
+                peers[f"TRL {peer} {padding}"] = rate
+                print(f"  {'TRL ' + peer + ' ' + padding:<26}: {rate:8.1f} tokens/s  ({step:.1f} s/step; "
+                      f"{sum(trl_tok) // len(trl_tok)} real tokens/step)")
+        compare("SFT", "tokens/s", ours, peers)
 
     if args.only in (None, "dpo"):
         trees = make_data((args.steps + 1) * args.dpo_trees, TURNS)
         pairs = args.dpo_trees * TURNS
-        ours_s, ours_tok, seq_len = bench_aloe("dpo", trees, args.dpo_trees, args.steps, args.dtype)
-        ours_rate, ours_step = _rate(ours_s, float(pairs))
         print(f"\nDPO, {pairs} pairs per step ({args.dpo_trees} tree(s) x {TURNS} turns)")
-        print(f"  aloe-jax (tree-packed): {ours_rate:6.2f} pairs/s  ({ours_step:.1f} s/step; "
-              f"{sum(ours_tok) // len(ours_tok)} real tokens/step, rows padded to {seq_len})")
-        trl_s, trl_tok = bench_trl_dpo(folder, trees, pairs, args.trl_dpo_micro, args.steps, args.dtype)
-        trl_rate, trl_step = _rate(trl_s, float(pairs))
-        print(f"  TRL (per pair)        : {trl_rate:6.2f} pairs/s  ({trl_step:.1f} s/step; "
-              f"{sum(trl_tok) // len(trl_tok)} real tokens/step, {args.trl_dpo_micro} examples per forward)")
-        ratio = ours_rate / trl_rate
-        print(f"  ratio aloe-jax / TRL: {ratio:.2f}x  (goal >= 1.5x vs TRL: {'met' if ratio >= 1.5 else 'MISSED'}; "
-              f"tree-packed vs naive >= 3x: {'met' if ratio >= 3 else 'MISSED'}); tokens per step "
-              f"{sum(trl_tok) / max(sum(ours_tok), 1):.1f}x fewer")
-        results.append(("DPO pairs/s", ratio))
+        ours, ours_tokens = {}, 1
+        for dt in args.ours:
+            ours_s, ours_tok, seq_len = bench_aloe("dpo", trees, args.dpo_trees, args.steps, dt)
+            rate, step = _rate(ours_s, float(pairs))
+            ours[f"aloe-jax {SHORT[dt]}"], ours_tokens = rate, max(sum(ours_tok), 1)
+            print(f"  aloe-jax {SHORT[dt]} (tree-packed): {rate:6.2f} pairs/s  ({step:.1f} s/step; "
+                  f"{sum(ours_tok) // len(ours_tok)} real tokens/step, rows padded to {seq_len})")
+        peers = {}
+        for peer in args.peer:
+            trl_s, trl_tok = bench_trl_dpo(folder, trees, pairs, args.trl_dpo_micro, args.steps, peer)
+            rate, step = _rate(trl_s, float(pairs))
+            peers[f"TRL {peer}"] = rate
+            print(f"  TRL {peer:<8} (per pair)   : {rate:6.2f} pairs/s  ({step:.1f} s/step; "
+                  f"{sum(trl_tok) // len(trl_tok)} real tokens/step, {args.trl_dpo_micro} examples per forward; "
+                  f"{sum(trl_tok) / ours_tokens:.1f}x our tokens)")
+        compare("DPO", "pairs/s", ours, peers)
 
-    print("\nsummary: " + ", ".join(f"{name} {ratio:.2f}x TRL" for name, ratio in results))
+    print("\nsummary: " + "; ".join(summary))
 
 
 if __name__ == "__main__":
