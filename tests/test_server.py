@@ -15,7 +15,8 @@ import pytest
 
 from aloe_jax.models.tokenizer import encode_chat, encode_chat_prompt
 from aloe_jax.sampling.sampler import SamplingParams
-from aloe_jax.serving.scheduler import Finished, Tokens, WholeRequestScheduler
+from aloe_jax.models.tokenizer import stop_token_ids
+from aloe_jax.serving.scheduler import ContinuousScheduler, Finished, Tokens
 from aloe_jax.serving.server import make_server
 
 MODEL = "tiny-test"
@@ -24,7 +25,8 @@ CONTEXT = 256
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_engine):
-    scheduler = WholeRequestScheduler(tiny_chat_engine.sampler, context_length=CONTEXT)
+    scheduler = ContinuousScheduler(tiny_chat_engine.model, stop_token_ids(tiny_chat_engine.tokenizer),
+                                    context_length=CONTEXT, max_batch=8)
     srv = make_server(scheduler, tiny_chat_engine.tokenizer, MODEL, port=0).start()
     yield f"http://127.0.0.1:{srv.port}/v1"
     srv.stop()

@@ -331,24 +331,44 @@ class SessionPool:
 
     # --- decoding ---------------------------------------------------------------------------------------------------
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
-                choices: Sequence[int], reserve: Sequence[int]) -> tuple[list[int], Picked]:
+                choices: Sequence[int], reserve: Sequence[int], mode: _Mode | None = None,
+                pad_rows: bool = False) -> tuple[list[int], Picked]:
         """Make each row hold its prompt (reusing the common prefix) and pick the first token. `reserve[i]`: slots
-        row i must have free after its prompt (its token budget). Returns (cached tokens per row, picked)."""
+        row i must have free after its prompt (its token budget). Returns (cached tokens per row, picked: one entry
+        per prompt). `mode`: the compiled sampling mode (default: the one the params need). `pad_rows`: round the
+        number of rows up to a power of two with other rows that get no new tokens (their padded writes land past
+        what they hold), so that a caller prefilling a varying number of rows compiles few programs."""
         check_prompts(prompts, self.model.cfg.vocab_size)
         offsets, length, slots = self._plan(rows, prompts, reserve)
         fresh = [list(prompt[keep:]) for prompt, keep in zip(prompts, offsets)]
         self._ensure(slots)
+        rows, offsets_all, sampling, choices = list(rows), list(offsets), list(sampling), list(choices)
+        if pad_rows:
+            target = min(1 << (len(rows) - 1).bit_length(), self.rows)
+            others = sorted((r for r in range(self.rows) if r not in set(rows)
+                             and len(self._tokens[r]) + length <= self.capacity), key=lambda r: len(self._tokens[r]))
+            for r in others[:target - len(rows)]:
+                rows.append(r)
+                offsets_all.append(len(self._tokens[r]))
+                sampling.append(sampling[0])
+                choices.append(0)
         new_tokens = np.zeros((len(rows), length), np.int32)
         for i, ids in enumerate(fresh):
             new_tokens[i, :len(ids)] = ids
-        mode = sampling_mode(sampling, self.model.cfg.vocab_size)
-        all_rows = list(rows) == list(range(self.rows))
-        window = _window_size(max(keep + length for keep in offsets), self.capacity)
+        new_lengths = np.zeros(len(rows), np.int32)
+        new_lengths[:len(fresh)] = [len(f) for f in fresh]
+        mode = mode or sampling_mode(sampling, self.model.cfg.vocab_size)
+        all_rows = rows == list(range(self.rows))
+        window = _window_size(max(keep + length for keep in offsets_all), self.capacity)
         program = _prefill_program(self._graphdef, mode, all_rows, window)
         row_args = () if all_rows else (np.asarray(rows, np.int32),)
-        self.cache, picked = program(nnx.state(self.model), self.cache, *row_args, new_tokens,
-                                     np.asarray([len(f) for f in fresh], np.int32), np.asarray(offsets, np.int32),
-                                     self._row_sampling(sampling, choices), np.zeros(len(rows), np.int32))
+        self.cache, picked = program(nnx.state(self.model), self.cache, *row_args, new_tokens, new_lengths,
+                                     np.asarray(offsets_all, np.int32), self._row_sampling(sampling, choices),
+                                     np.zeros(len(rows), np.int32))
+        n = len(prompts)
+        picked = Picked(picked.token[:n], None if picked.logprobs is None else
+                        _TokenLogprobs(*(x[:n] for x in picked.logprobs)))
+        rows = rows[:n]
         for row, prompt in zip(rows, prompts):
             self._tokens[row] = list(prompt)
         self.prefilled_tokens += sum(map(len, fresh))

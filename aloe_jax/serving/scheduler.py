@@ -2,7 +2,7 @@
 
 The HTTP layer (server.py) only talks to the `Scheduler` protocol below: it tokenizes, checks limits, submits one
 `Request` per choice and turns the events into JSON or Server-Sent Events. How decoding is batched is the scheduler's
-business; `WholeRequestScheduler` runs each gathered batch to completion (a request can wait behind a long one).
+business: `ContinuousScheduler` lets requests join and leave the running batch between decode chunks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable, Literal, Protocol, Union
 
-from aloe_jax.sampling.sampler import Sampler, SamplingParams
+from aloe_jax.sampling.sampler import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,72 +67,6 @@ class Scheduler(Protocol):
         """Numbers for /health: running and queued requests, and whatever the cache reports."""
 
 
-class _WholeHandle:
-    def __init__(self):
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class WholeRequestScheduler:
-    """Gathers requests for `window_s`, decodes each group of equal sampling params as one batch to completion, then
-    emits each request's tokens as one event. Simple, and unfair: a short request waits behind a long one."""
-
-    def __init__(self, sampler: Sampler, context_length: int, max_batch: int = 64, window_s: float = 0.01):
-        self.sampler, self.context_length, self.max_batch, self.window_s = sampler, context_length, max_batch, window_s
-        self._queue: queue.Queue = queue.Queue()
-        self._running = 0
-        threading.Thread(target=self._loop, daemon=True, name="aloe-scheduler").start()
-
-    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
-        handle = _WholeHandle()
-        self._queue.put((request, on_event, handle))
-        return handle
-
-    def stats(self) -> dict:
-        return {"running": self._running, "queued": self._queue.qsize()}
-
-    def _loop(self):
-        while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + self.window_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            groups: dict[tuple, list] = {}
-            for item in batch:
-                if item[2].cancelled:
-                    item[1](Finished("cancelled", len(item[0].prompt_ids), 0))
-                    continue
-                # Rows of one batch share the seed, and row i draws with key fold_in(seed, i): a group holds at most
-                # one request per choice index so that each choice gets its own row index.
-                groups.setdefault((item[0].params, item[0].choice), []).append(item)
-            for items in groups.values():
-                self._run(items)
-
-    def _run(self, items: list) -> None:
-        self._running = len(items)
-        try:
-            for start in range(0, len(items), 1):
-                request, on_event, _ = items[start]
-                # Pad the batch with copies so the request sits at row `choice` (its key is fold_in(seed, choice)).
-                prompts = [list(request.prompt_ids)] * (request.choice + 1)
-                generation = self.sampler.generate(prompts, request.params)[request.choice]
-                on_event(Tokens(tuple(generation.tokens),
-                                None if generation.logprobs is None else tuple(generation.logprobs),
-                                None if generation.top_logprobs is None else
-                                tuple(tuple(t) for t in generation.top_logprobs)))
-                on_event(Finished(generation.finish_reason, generation.prompt_tokens, generation.completion_tokens))
-        except Exception as err:  # one failing batch must not kill the server
-            for request, on_event, _ in items:
-                on_event(Finished("error", len(request.prompt_ids), 0, error=f"{type(err).__name__}: {err}"))
-        finally:
-            self._running = 0
-
-
 class _Slot:
     """A running request in its pool row."""
 
@@ -176,7 +110,9 @@ class ContinuousScheduler:
         self._last_used = [0.0] * max_batch
         self._reset_state()
         self.programs_run = 0
-        threading.Thread(target=self._loop, daemon=True, name="aloe-scheduler").start()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="aloe-scheduler")
+        self._thread.start()
 
     def _reset_state(self):
         import numpy as np
@@ -186,6 +122,12 @@ class ContinuousScheduler:
         self._live = np.zeros(rows, bool)
         self._temperature, self._top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
         self._seed, self._choice = np.zeros(rows, np.uint32), np.zeros(rows, np.int32)
+
+    def close(self) -> None:
+        """Stop the scheduler's thread once what is running has finished or been cancelled by its clients."""
+        self._closing = True
+        self._queue.put(None)
+        self._thread.join(timeout=60)
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
         handle = _ContinuousHandle(lambda: self._queue.put(None))
@@ -205,6 +147,8 @@ class ContinuousScheduler:
     def _loop(self):
         while True:
             idle = not self._waiting and not self._live.any()
+            if idle and self._closing:
+                return
             self._take_submissions(block=idle)
             try:
                 self._drop_cancelled()
@@ -271,9 +215,10 @@ class ContinuousScheduler:
         requests = [item[0] for _, item in admitted]
         for row, (request, on_event, handle) in admitted:
             self._slots[row] = _Slot(request, on_event, handle)
-        cached, picked = self.pool.prefill(rows, [list(r.prompt_ids) for r in requests],
-                                           [r.params for r in requests], [r.choice for r in requests],
-                                           [r.params.max_new_tokens for r in requests])
+        params = [r.params for r in requests]
+        cached, picked = self.pool.prefill(rows, [list(r.prompt_ids) for r in requests], params,
+                                           [r.choice for r in requests], [p.max_new_tokens for p in params],
+                                           mode=self._mode(params), pad_rows=True)
         self.programs_run += 1
         tokens = np.asarray(picked.token)
         logprobs = None if picked.logprobs is None else [np.asarray(x) for x in picked.logprobs]
@@ -293,6 +238,15 @@ class ContinuousScheduler:
             self._budget[row] = params.max_new_tokens - 1
             self._live[row] = True
             self._end_if_done(row, int(tokens[i]))
+
+    def _mode(self, params: list[SamplingParams]):
+        """The compiled sampling mode for these requests; any number of log-prob alternatives asked for is served by
+        one variant (the most there may be), so a mix of requests compiles at most 2 × 2 × 2 modes."""
+        from aloe_jax.sampling.sampler import MAX_TOP_LOGPROBS
+        from aloe_jax.sampling.sessions import sampling_mode
+
+        mode = sampling_mode(params, self.vocab_size)
+        return mode._replace(logprobs=min(MAX_TOP_LOGPROBS, self.vocab_size)) if mode.logprobs >= 0 else mode
 
     def _emit(self, row: int, tokens: list[int], logprobs) -> None:
         """Tokens event for a row's new tokens (the stop token is counted, not sent)."""
@@ -321,14 +275,10 @@ class ContinuousScheduler:
         import jax
         import numpy as np
 
-        from aloe_jax.sampling.sessions import DecodeState, RowSampling, sampling_mode
+        from aloe_jax.sampling.sessions import DecodeState, RowSampling
 
         live_rows = [r for r in range(self.max_batch) if self._live[r]]
-        mode = sampling_mode([self._slots[r].request.params for r in live_rows], self.vocab_size)
-        if mode.logprobs >= 0:  # one compiled variant for any number of alternatives asked for
-            from aloe_jax.sampling.sampler import MAX_TOP_LOGPROBS
-
-            mode = mode._replace(logprobs=min(MAX_TOP_LOGPROBS, self.vocab_size))
+        mode = self._mode([self._slots[r].request.params for r in live_rows])
         # Rows not live must not advance: their slot stays past what they hold.
         for r in range(self.max_batch):
             if not self._live[r]:
