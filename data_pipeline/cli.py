@@ -50,7 +50,7 @@ def _cmd_personas(args: argparse.Namespace) -> None:
     from aloe_jax.llm.roles import Role, make_backend
     from aloe_jax.llm.usage import UsageMeter
     from data_pipeline import personas
-    from data_pipeline.embeddings import SentenceEncoder
+    from aloe_jax.models.sentence_encoder import SentenceEncoder
 
     meter = UsageMeter(cfg.prices)
     cache = CallCache(cfg.cache)
@@ -75,6 +75,9 @@ def _cmd_trees(args: argparse.Namespace) -> None:
     print(f"{cfg.trees.output}: {summary['finished']}/{summary['planned']} conversations finished "
           f"({summary['turns_generated']} turns generated in this run, {summary['committed_turns_at_start']} "
           f"resumed from {cfg.trees.state_dir})")
+    guard = summary["user_repeat_guard"]
+    print(f"simulated user, per turn: resamples {guard['resamples_per_turn']}, messages still repeating an earlier "
+          f"one {guard['repeats_per_turn']}")
     _print_usage(meter)
 
 
@@ -108,7 +111,7 @@ def _cmd_contamination(args: argparse.Namespace) -> None:
         return
     from data_pipeline import contamination
     from aloe_jax.conversation.aloe_pools import load_pool
-    from data_pipeline.embeddings import SentenceEncoder
+    from aloe_jax.models.sentence_encoder import SentenceEncoder
     from data_pipeline.personas import read_pool_file
 
     encoder = SentenceEncoder()

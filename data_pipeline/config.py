@@ -7,6 +7,7 @@ from typing import Literal
 
 import pydantic
 
+from aloe_jax.conversation.repeat_guard import RepeatGuardConfig
 from aloe_jax.core.config import StrictModel
 from aloe_jax.llm.base import GenerationParams
 from aloe_jax.llm.roles import BackendConfig
@@ -60,8 +61,9 @@ class PersonasConfig(StrictModel):
         return value
 
 
-class TreesConfig(StrictModel):
-    """The sampling plan and protocol of tree generation."""
+class TreesConfig(RepeatGuardConfig):
+    """The sampling plan and protocol of tree generation; `max_resamples` and `repeat_threshold` are the user
+    simulator's repeat guard (`aloe_jax.conversation.repeat_guard`)."""
 
     profiles: str | None = None  # JSONL of strings; None: the released ALOE train profiles (from `aloe_data`)
     personalities: str | None = None

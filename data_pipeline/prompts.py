@@ -29,7 +29,9 @@ USER_SIMULATOR_SYSTEM = (
     "playing a role.\n\nWho you are:\n{profile}\n\nHow you behave:\n{personality}\n\n"
     "Write only your next message to the assistant: short (one to three sentences), casual and natural, the way a "
     "real person types. Let details about yourself come out gradually: at most one or two per message, and only when "
-    "they fit what you are talking about. Ask for things this person would really want help with."
+    "they fit what you are talking about. Never say again what you already said in this chat, in the same or in "
+    "other words. Keep the chat going forward: answer what the assistant just wrote, then ask something new, add a "
+    "new detail or turn to a related need this person would really want help with."
 )
 
 USER_SIMULATOR_OPENER = "(The chat has just started. Write your first message to the assistant.)"

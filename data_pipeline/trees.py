@@ -32,6 +32,7 @@ from aloe_jax.conversation.engine import (ConversationRun, Fingerprint, Historie
 from aloe_jax.conversation.judging import OptionJudge
 from aloe_jax.conversation.messages import chat_messages
 from aloe_jax.conversation.records import JudgeRecord, TreeRecord, Turn, spine_exchanges
+from aloe_jax.conversation.repeat_guard import Embedder, RepeatGuard
 from aloe_jax.core import jsonl_log, storage
 from aloe_jax.core.errors import ConfigError, DataError
 from aloe_jax.llm.base import ChatBackend, GenerationParams
@@ -94,8 +95,9 @@ class TreeScript:
 
     first_turn = 0
 
-    def __init__(self, cfg: DatagenConfig, roles: dict[str, Role]):
+    def __init__(self, cfg: DatagenConfig, roles: dict[str, Role], embed: Embedder | None = None):
         self.cfg, self.tc, self.roles = cfg, cfg.trees, roles
+        self.guard = RepeatGuard.from_config(cfg.trees, embed)  # without `embed`: exact repeats only
         self.judge = OptionJudge(roles["judge"], prompts.JUDGE_OPTIONS, prompts.parse_judge_choice,
                                  prompts.JUDGE_RETRY, self.tc.judge_retries)
 
@@ -160,9 +162,11 @@ class TreeScript:
         """The log records of turn `turn` for `convs`, whose committed records are `histories`."""
         exchanges = [spine_exchanges([Turn.model_validate(r["data"]) for r in h]) for h in histories]
         with stopwatch("user"):
-            users = [r.text for r in self.roles["user"].chat(
+            guarded = self.guard.chat(
+                self.roles["user"],
                 [prompts.user_simulator_messages(c.profile, c.personality, e) for c, e in zip(convs, exchanges)],
-                self._params("user", turn))]
+                self._params("user", turn), [[u for u, _ in e] for e in exchanges])
+            users = [r.text for r in guarded.results]
         spines = [chat_messages(e, u) for e, u in zip(exchanges, users)]
         with stopwatch("extractor"):
             extracted = self.roles["extractor"].chat([prompts.extractor_messages(s) for s in spines],
@@ -185,7 +189,8 @@ class TreeScript:
             new_turn = Turn(user=users[i], preferred=preferred, rejected=rejected,
                             continued=self._continued(c, turn, hinted_won), inferred_profile=inferred[i][0],
                             inferred_personality=inferred[i][1], judge=v.record, judged=v.winner is not None)
-            records.append({"id": c.id, "turn": turn, "data": new_turn.model_dump(mode="json")})
+            records.append({"id": c.id, "turn": turn, "data": new_turn.model_dump(mode="json"),
+                            "user_resamples": guarded.resamples[i], "user_repeats": guarded.repeated[i]})
         return records
 
     def _continued(self, conv: PlannedConversation, turn: int, hinted_won: bool) -> str:
@@ -205,11 +210,13 @@ class TreeScript:
                 "generation": {r: getattr(self.cfg.roles, r).generation.model_dump(mode="json", exclude={"seed"})
                                for r in TREE_ROLES},
                 "seed": self.cfg.seed, "conversation_seed": conv.seed, "prompt_hash": prompts.prompt_hash(),
+                "user_repeat_guard": self._guard_card(),
                 "judge_order": self.tc.judge_order, "continue_with": self.tc.continue_with}
 
     def run(self, plan: list[PlannedConversation], show_progress: bool = True) -> dict:
         """Generate (or finish) every planned conversation; returns a summary of this run."""
         fingerprint = {"seed": self.cfg.seed, "turns": self.tc.turns, "prompt_hash": prompts.prompt_hash(),
+                       "user_repeat_guard": self._guard_card(),
                        "plan": hashlib.sha256(json.dumps([(c.id, c.profile, c.personality) for c in plan]).encode())
                        .hexdigest()}
         # A state folder belongs to one plan and protocol: resuming it with another config would mix two datasets.
@@ -220,7 +227,22 @@ class TreeScript:
         self._write_output(plan, done)
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "planned": len(plan),
                 "finished": sum(len(done[c.id]) >= self.tc.turns for c in plan),
-                "committed_turns_at_start": stats.turns_at_start, "turns_generated": stats.turns_done}
+                "committed_turns_at_start": stats.turns_at_start, "turns_generated": stats.turns_done,
+                "user_repeat_guard": self._guard_summary(plan, done)}
+
+    def _guard_card(self) -> dict:
+        return {"max_resamples": self.tc.max_resamples, "repeat_threshold": self.tc.repeat_threshold}
+
+    def _guard_summary(self, plan: list[PlannedConversation], done: Histories) -> dict:
+        """Per turn, over every committed turn of the plan: the simulator's resamples and the messages that still
+        repeat an earlier one of their conversation."""
+        turns = range(self.tc.turns)
+        resamples, repeats = [0 for _ in turns], [0 for _ in turns]
+        for c in plan:
+            for record in done[c.id][: self.tc.turns]:
+                resamples[record["turn"]] += int(record.get("user_resamples", 0))
+                repeats[record["turn"]] += bool(record.get("user_repeats", False))
+        return {"resamples_per_turn": resamples, "repeats_per_turn": repeats}
 
     def _write_output(self, plan: list[PlannedConversation], done: Histories) -> None:
         records = [TreeRecord(id=c.id, profile=c.profile, personality=c.personality,
@@ -241,7 +263,7 @@ def load_pools(cfg: DatagenConfig) -> tuple[list[str], list[str]]:
 
 
 def generate_trees(cfg: DatagenConfig, backends: dict[str, ChatBackend] | None = None,
-                   show_progress: bool = True) -> tuple[dict, UsageMeter]:
+                   show_progress: bool = True, embed: Embedder | None = None) -> tuple[dict, UsageMeter]:
     """Run tree generation for `cfg` (resuming its state folder); returns (run summary, usage meter). The summary is
     also appended to `<state_dir>/runs.jsonl` with the per-role usage."""
     profiles, personalities = load_pools(cfg)
@@ -250,7 +272,11 @@ def generate_trees(cfg: DatagenConfig, backends: dict[str, ChatBackend] | None =
     cache = CallCache(os.path.join(cfg.trees.state_dir, "calls.sqlite"))
     meter = UsageMeter(cfg.prices)
     try:
-        generator = TreeScript(cfg, build_roles(cfg, cache, meter, backends))
+        if embed is None and cfg.trees.repeat_threshold is not None:
+            from aloe_jax.models.sentence_encoder import SentenceEncoder
+
+            embed = SentenceEncoder().encode
+        generator = TreeScript(cfg, build_roles(cfg, cache, meter, backends), embed)
         summary = generator.run(plan, show_progress)
     finally:
         cache.close()

@@ -66,7 +66,7 @@ def _cfg(tmp_path, **trees):
     (tmp_path / "personalities.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PERSONALITIES))
     base = dict(profiles=str(tmp_path / "profiles.jsonl"), personalities=str(tmp_path / "personalities.jsonl"),
                 conversations=2, turns=3, batch_size=8, output=str(tmp_path / "trees.jsonl"),
-                state_dir=str(tmp_path / "state"))
+                state_dir=str(tmp_path / "state"), repeat_threshold=None)  # exact repeats only: no MiniLM
     return DatagenConfig.model_validate({"seed": 7, "trees": {**base, **trees}})
 
 

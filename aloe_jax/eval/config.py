@@ -6,6 +6,7 @@ from typing import Literal
 
 import pydantic
 
+from aloe_jax.conversation.repeat_guard import RepeatGuardConfig
 from aloe_jax.core.config import StrictModel
 from aloe_jax.eval.cases import ALOE_CASES
 from aloe_jax.llm.base import GenerationParams
@@ -22,8 +23,9 @@ class ModelUnderTest(LocalModel, SessionOptions):
     use_mesh: bool = True  # spread the batch over all devices when there is more than one
 
 
-class SimulatorConfig(StrictModel):
-    """The user simulator: plays each case's persona."""
+class SimulatorConfig(RepeatGuardConfig):
+    """The user simulator: plays each case's persona, sampled (seeded per turn), a message that repeats an earlier one
+    of its case resampled up to `max_resamples` times (`aloe_jax.conversation.repeat_guard`)."""
 
     backend: BackendConfig = BackendConfig()
     generation: GenerationParams = GenerationParams(temperature=0.7, top_p=0.9, max_tokens=64)

@@ -13,8 +13,10 @@ SIMULATOR_SYSTEM = (
     "Facts about you:\n{profile}\n\nYour character:\n{personality}\n\n"
     "Write only your next chat message. Keep it short (one to three sentences) and natural, like someone typing on "
     "a phone, in the voice your character would use. Do not introduce yourself all at once: let a fact or a trait "
-    "show only when it fits what you are talking about, one or two per message at most. Talk about things this "
-    "person would really care about or want help with, and react to what the assistant just said."
+    "show only when it fits what you are talking about, one or two per message at most. Never repeat or restate "
+    "anything you already wrote earlier in this chat, not even in other words. Each message must take the "
+    "conversation somewhere new: react to what the assistant just said, then ask a follow-up, raise a new detail "
+    "of your problem or move to a related topic this person would really care about."
 )
 
 SIMULATOR_OPENER = "(The chat is starting now. Write your first message to the assistant.)"

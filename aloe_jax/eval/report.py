@@ -37,6 +37,11 @@ class LoadedRun:
     # word (a conversation stuck in a loop: small simulators copy their last message, and its judge score repeats).
     repeated: np.ndarray
     seconds: dict[int, dict[str, float]]  # turn → role → seconds, from timings.jsonl (every invocation)
+    # [cases, turns] the simulator's repeat guard (`aloe_jax.conversation.repeat_guard`): how many times the user
+    # message was sampled again, and whether it still repeats an earlier one of its case (0 / False: no record, or a
+    # run written before the guard).
+    resamples: np.ndarray | None = None
+    user_repeats: np.ndarray | None = None
 
     @property
     def planned(self) -> int:
@@ -56,9 +61,14 @@ def load_run(folder: str, label: str | None = None) -> LoadedRun:
     turns = int(card["turns"])
     expected = score_matrix(records, case_ids, turns, "expected_score")
     ran = ~np.isnan(score_matrix(records, case_ids, turns, "turn"))  # every record has its turn
+    guarded = any("user_resamples" in r for r in records)
     return LoadedRun(label or os.path.basename(os.path.normpath(folder)), folder, card, case_ids,
                      score_matrix(records, case_ids, turns), None if np.all(np.isnan(expected)) else expected, ran,
-                     repeated_exchanges(records, case_ids, turns), turn_seconds(folder))
+                     repeated_exchanges(records, case_ids, turns), turn_seconds(folder),
+                     np.nan_to_num(score_matrix(records, case_ids, turns, "user_resamples")).astype(int)
+                     if guarded else None,
+                     np.nan_to_num(score_matrix(records, case_ids, turns, "user_repeats")).astype(bool)
+                     if guarded else None)
 
 
 def repeated_exchanges(records: list[dict], case_ids: Sequence[str], turns: int) -> np.ndarray:
@@ -118,7 +128,11 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
     lines += [f"{summary.n_cases} cases × {turns} turns; {unscored} of the {n_ran} case-turns run have no judge "
               "score (missing, excluded from AL(k), never counted as 0). AL(k) = mean judge score (1–5) at turn k; "
               "95% CIs from a bootstrap over cases. *Looping*: cases whose user message and reply at turn k are "
-              "those of turn k−1, word for word.", ""]
+              "those of turn k−1, word for word." + (
+                  " *Resampled*: user messages the simulator's repeat guard sampled again (the sum of resamples in "
+                  "brackets); *repeating*: user messages that still repeat an earlier one of their case after "
+                  f"{run.card.get('simulator_repeat_guard', {}).get('max_resamples', '?')} resamples."
+                  if run.resamples is not None else ""), ""]
     looping = run.repeated.sum(axis=0)  # [turns]
     last = int(np.flatnonzero(run.ran.any(axis=0))[-1]) if run.ran.any() else 0
     ran_last = int(run.ran[:, last].sum())
@@ -128,15 +142,23 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
                   "the simulator and the model repeat their previous messages, so later turns re-score the same "
                   "exchanges. AL(k) measures adaptation only with a simulator that keeps the "
                   "conversation moving.", ""]
+    guard = run.resamples is not None
     lines += ["| turn k | AL(k) | 95% CI | scored | N-AL(k) |" + (" AL(k), expected score |" if expected else "")
-              + " looping |",
-              "|---:|---:|:---:|---:|---:|" + ("---:|" if expected else "") + "---:|"]
+              + " looping |" + (" resampled | repeating |" if guard else ""),
+              "|---:|---:|:---:|---:|---:|" + ("---:|" if expected else "") + "---:|" + ("---:|---:|" if guard else "")]
     for k in range(turns):
         row = (f"| {k + 1} | {_num(summary.al[k])} | {_ci((summary.al_ci[0][k], summary.al_ci[1][k]))} | "
                f"{summary.counts[k]} | {_num(summary.n_al[k])} |")
         if expected:
             row += f" {_num(expected.al[k])} |"
-        lines.append(row + (f" {looping[k]} |" if run.ran[:, k].any() else " n/a |"))
+        if not run.ran[:, k].any():
+            lines.append(row + " n/a |" + (" n/a | n/a |" if guard else ""))
+            continue
+        row += f" {looping[k]} |"
+        if guard:
+            row += (f" {int((run.resamples[:, k] > 0).sum())} ({int(run.resamples[:, k].sum())}) |"
+                    f" {int(run.user_repeats[:, k].sum())} |")
+        lines.append(row)
     lines += ["", "| metric | value | 95% CI |", "|---|---:|:---:|",
               f"| AVG (mean of AL(k)) | {_num(summary.avg)} | {_ci(summary.avg_ci)} |",
               f"| improvement rate (slope of AL(k) per turn) | {_num(summary.slope, 4, True)} | "
@@ -220,7 +242,13 @@ def write_report(folder: str, n_resamples: int = 2000, seed: int = 0, extra: dic
     plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE), expected=[expected])
     storage.write_text(os.path.join(folder, SUMMARY_FILE), json.dumps(
         {"score": summary_json(summary), "expected_score": summary_json(expected) if expected else None,
-         "looping": run.repeated.sum(axis=0).tolist(), "protocol": run.card}, indent=1) + "\n")
+         "looping": run.repeated.sum(axis=0).tolist(),
+         # The simulator's repeat guard per turn: messages resampled, resamples in all, messages still repeating.
+         "simulator_repeat_guard": None if run.resamples is None else {
+             "resampled_per_turn": (run.resamples > 0).sum(axis=0).tolist(),
+             "resamples_per_turn": run.resamples.sum(axis=0).tolist(),
+             "repeating_per_turn": run.user_repeats.sum(axis=0).tolist()},
+         "protocol": run.card}, indent=1) + "\n")
     return summary
 
 

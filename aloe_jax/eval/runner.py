@@ -22,6 +22,7 @@ import numpy as np
 from aloe_jax.conversation.engine import (RECORDS_FILE, TIMINGS_FILE, ConversationRun, Fingerprint, RunStats,
                                           Stopwatch, seeded)
 from aloe_jax.conversation.messages import chat_messages
+from aloe_jax.conversation.repeat_guard import RepeatGuard
 from aloe_jax.core import jsonl_log, storage
 from aloe_jax.core.errors import ConfigError, DataError
 from aloe_jax.eval import prompts
@@ -49,6 +50,8 @@ def protocol_card(cfg: EvalConfig, model_name: str, simulator_name: str, judge_n
         "model": model_name, "model_dtype": cfg.model.dtype, "model_system_prompt": cfg.model.system_prompt,
         "model_generation": cfg.model.generation.model_dump(mode="json"),
         "simulator": simulator_name, "simulator_generation": cfg.simulator.generation.model_dump(mode="json"),
+        "simulator_repeat_guard": {"max_resamples": cfg.simulator.max_resamples,
+                                   "repeat_threshold": cfg.simulator.repeat_threshold},
         "judge": judge_name, "judge_method": cfg.judge.resolved_method(), "judge_max_retries": cfg.judge.max_retries,
         "judge_history_turns": cfg.judge.history_turns,
         "prompt_hash": prompts.prompt_hash(), "seed": cfg.seed, "cases": cfg.cases, "turns": cfg.turns,
@@ -65,9 +68,12 @@ class EvalRunner:
     first_turn = 1
 
     def __init__(self, cfg: EvalConfig, cases: Sequence[EvalCase], engine: ChatEngine, simulator: Role,
-                 judge: Judge, out_dir: str, card: dict, meter: UsageMeter | None = None):
+                 judge: Judge, out_dir: str, card: dict, meter: UsageMeter | None = None,
+                 guard: RepeatGuard | None = None):
         self.cfg, self.cases, self.out_dir, self.card = cfg, list(cases), out_dir, card
         self.simulator, self.judge = simulator, judge
+        # Without an embedder given, the guard catches exact repeats only.
+        self.guard = guard or RepeatGuard.from_config(cfg.simulator)
         # Not behind the call cache: committed turns are never redone, so a cached reply could only be a stale one.
         self.model = Role("model", JaxBackend(engine=engine, name=card["model"]), None, meter)
 
@@ -87,8 +93,10 @@ class EvalRunner:
         """The records of turn `turn` for `cases`, given their records of the turns before."""
         pairs = [[(r["user"], r["assistant"]) for r in history] for history in histories]
         with stopwatch("simulator"):
-            users = self.simulator.chat([prompts.simulator_messages(c, p) for c, p in zip(cases, pairs)],
-                                        seeded(self.cfg.simulator.generation, self.cfg.seed, "simulator", turn))
+            guarded = self.guard.chat(self.simulator, [prompts.simulator_messages(c, p) for c, p in zip(cases, pairs)],
+                                      seeded(self.cfg.simulator.generation, self.cfg.seed, "simulator", turn),
+                                      [[r["user"] for r in history] for history in histories])
+            users = guarded.results
         with stopwatch("model"):
             replies = self.model.chat(
                 [chat_messages(p, u.text, self.cfg.model.system_prompt) for p, u in zip(pairs, users)],
@@ -100,10 +108,11 @@ class EvalRunner:
             ])
         return [
             {"case_id": c.case_id, "profile_index": c.profile_index, "personality_index": c.personality_index,
-             "turn": turn, "user": u.text, "user_finish": u.finish_reason, "assistant": r.text,
+             "turn": turn, "user": u.text, "user_finish": u.finish_reason, "user_resamples": n,
+             "user_repeats": repeats, "assistant": r.text,
              "assistant_finish": r.finish_reason, "assistant_tokens": r.completion_tokens, "score": v.score,
              "expected_score": v.expected_score, "judge": v.to_json()}
-            for c, u, r, v in zip(cases, users, replies, verdicts)
+            for c, u, r, v, n, repeats in zip(cases, users, replies, verdicts, guarded.resamples, guarded.repeated)
         ]
 
 
@@ -213,4 +222,9 @@ def build_runner(cfg: EvalConfig, out_dir: str, meter: UsageMeter | None = None)
     card = protocol_card(cfg, cfg.model.path, simulator.backend.name, judge_role.backend.name)
     card["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}" + (" (mesh)" if mesh else "")
     card["model_sources"] = model_sources(cfg)
-    return EvalRunner(cfg, cases, engine, simulator, judge, out_dir, card, meter)
+    guard = None
+    if cfg.simulator.repeat_threshold is not None:
+        from aloe_jax.models.sentence_encoder import SentenceEncoder
+
+        guard = RepeatGuard.from_config(cfg.simulator, SentenceEncoder().encode)
+    return EvalRunner(cfg, cases, engine, simulator, judge, out_dir, card, meter, guard)
