@@ -58,6 +58,7 @@ _SESSION_TURNS = f"{_SESSIONS}::test_session_turns_equal_full_reprefill_for_ever
 _SESSION_OPS = f"{_SESSIONS}::test_fork_spill_restore_and_truncate_keep_turns_equal"
 _SESSION_SAMPLED = f"{_SESSIONS}::test_sampled_turns_and_forked_groups_draw_what_the_stateless_sampler_draws"
 _SESSION_ROOM = f"{_SESSIONS}::test_max_bytes_counts_the_capacity_a_turn_really_takes"
+_REPEAT_GUARD = "tests/test_repeat_guard.py"
 _GGUF_LOGITS = "tests/test_gguf.py::test_tiny_gguf_logits_match_the_dequantised_weights_in_transformers"
 
 MUTANTS: list[Mutant] = [
@@ -490,4 +491,14 @@ MUTANTS: list[Mutant] = [
            "        return stock\n", "        return chat_template('chatml-smollm2')\n",
            ("tests/test_gguf.py::test_a_family_our_templates_do_not_cover_uses_the_files_chat_template",),
            "a family our templates do not cover gets a ChatML template its vocabulary cannot spell"),
+    # --- the user simulator's repeat guard ----------------------------------------------------------------------
+    Mutant("repeat_guard_not_normalised", "aloe_jax/conversation/repeat_guard.py",
+           "flags = [normalise(m) in {normalise(e) for e in past}", "flags = [m in set(past)",
+           (_REPEAT_GUARD,), "a repeat in other case or spacing is not caught: the looping simulator goes through"),
+    Mutant("repeat_guard_one_resample_short", "aloe_jax/conversation/repeat_guard.py",
+           "for attempt in range(1, tries + 1):", "for attempt in range(1, tries):",
+           (_REPEAT_GUARD,), "max_resamples=N resamples a repeating message N-1 times"),
+    Mutant("repeat_guard_same_seed", "aloe_jax/conversation/repeat_guard.py",
+           'update={"seed": derive_seed(params.seed, "resample", attempt)}', 'update={"seed": params.seed}',
+           (_REPEAT_GUARD,), "a resample reuses the turn's seed: a seeded simulator draws the same repeat again"),
 ]
