@@ -75,6 +75,7 @@ def _cmd_trees(args: argparse.Namespace) -> None:
     print(f"{cfg.trees.output}: {summary['finished']}/{summary['planned']} conversations finished "
           f"({summary['turns_generated']} turns generated in this run, {summary['committed_turns_at_start']} "
           f"resumed from {cfg.trees.state_dir})")
+    print(summary["judge_calibration"]["line"])
     guard = summary["user_repeat_guard"]
     print(f"simulated user, per turn: resamples {guard['resamples_per_turn']}, messages still repeating an earlier "
           f"one {guard['repeats_per_turn']}")

@@ -73,6 +73,11 @@ class TreesConfig(RepeatGuardConfig):
     judge_order: Literal["random", "both"] = "random"
     continue_with: Literal["random", "preferred", "rejected", "hinted"] = "random"
     judge_retries: int = pydantic.Field(2, ge=0)  # extra attempts when a text judge's answer does not parse
+    # Judge calibration (judge_order random): this share of turns, drawn with the conversation seed, is judged in the
+    # swapped order too; agreement and first-shown rates go in the run summary (the data keep the first verdict). A
+    # judge is flagged when its agreement is at most chance or it picks the first-shown reply this often.
+    judge_swap_fraction: float = pydantic.Field(0.1, ge=0.0, le=1.0)
+    judge_flag_first_shown: float = pydantic.Field(0.8, gt=0.0, le=1.0)
     output: str = "data/trees/trees.jsonl"  # local or gs://
     state_dir: str = "data/trees/state"  # local: committed turns, call cache and run log, for resuming
 

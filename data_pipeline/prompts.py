@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+# The extractor role is shared with the evaluation, so it lives in the conversation layer; its names stay here too.
+from aloe_jax.conversation.extraction import (EXTRACTOR_SYSTEM, extractor_messages,  # noqa: F401
+                                              parse_inferred_persona)
 from aloe_jax.conversation.messages import Exchange, prompt_hash as hash_texts, simulator_messages, transcript
 
 PERSONA_FORMAT = {
@@ -35,13 +38,6 @@ USER_SIMULATOR_SYSTEM = (
 )
 
 USER_SIMULATOR_OPENER = "(The chat has just started. Write your first message to the assistant.)"
-
-EXTRACTOR_SYSTEM = (
-    "You read a conversation between a user and an assistant and note what can be inferred about the user. Be "
-    "careful: write only what the messages support, and say \"unknown\" rather than guess.\n"
-    "Answer in exactly two lines:\nProfile: <facts about the user's life, comma separated>\n"
-    "Personality: <the user's traits and conversational style, comma separated>"
-)
 
 HINTED_RESPONDER_SYSTEM = (
     "You are a helpful assistant. What you have learned about this user so far (it may be incomplete):\n"
@@ -93,29 +89,6 @@ def user_simulator_messages(profile: str, personality: str, exchanges: list[Exch
     """The simulator's chat: it plays the persona, seeing the conversation so far from the user's side."""
     return simulator_messages(USER_SIMULATOR_SYSTEM.format(profile=profile, personality=personality),
                               USER_SIMULATOR_OPENER, exchanges)
-
-
-def extractor_messages(spine: list[dict]) -> list[dict]:
-    """The chat asking what the conversation so far reveals about the user."""
-    return [{"role": "system", "content": EXTRACTOR_SYSTEM},
-            {"role": "user", "content": f"Conversation:\n{transcript(spine)}"}]
-
-
-_PROFILE_LINE = re.compile(r"^\W*profile\W*:\s*(.*)$", re.IGNORECASE)
-_PERSONALITY_LINE = re.compile(r"^\W*personalit(?:y|ies)\W*:\s*(.*)$", re.IGNORECASE)
-
-
-def parse_inferred_persona(text: str) -> tuple[str, str]:
-    """(profile, personality) from the extractor's two lines; a reply without the labels counts as profile text."""
-    profile = personality = None
-    for line in text.splitlines():
-        if profile is None and (m := _PROFILE_LINE.match(line)):
-            profile = m.group(1).strip()
-        elif personality is None and (m := _PERSONALITY_LINE.match(line)):
-            personality = m.group(1).strip()
-    if profile is None and personality is None:
-        return text.strip(), ""
-    return profile or "", personality or ""
 
 
 def hinted_responder_messages(inferred_profile: str, inferred_personality: str, spine: list[dict]) -> list[dict]:

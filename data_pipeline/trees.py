@@ -27,6 +27,7 @@ import random
 import time
 from typing import Sequence
 
+from aloe_jax.conversation.calibration import Calibration, calibrate
 from aloe_jax.conversation.engine import (ConversationRun, Fingerprint, Histories, Stopwatch, derive_seed,
                                           seeded)
 from aloe_jax.conversation.judging import OptionJudge
@@ -115,16 +116,27 @@ class TreeScript:
             return ["both"] * len(convs)
         return [random.Random(derive_seed(c.seed, turn, "order")).choice(["AB", "BA"]) for c in convs]
 
+    def _swap_on(self) -> bool:
+        return self.tc.judge_order == "random" and self.tc.judge_swap_fraction > 0
+
+    def _swapped(self, conv: PlannedConversation, turn: int) -> bool:
+        """Whether this turn's pair is also judged in the swapped order (a seeded share of turns), to measure the
+        judge; the data keep the verdict of the first order."""
+        return self._swap_on() and random.Random(derive_seed(conv.seed, turn, "swap")).random() < \
+            self.tc.judge_swap_fraction
+
     def _judge(self, convs, spines, hinted, plain, turn) -> list[_Verdict]:
         orders = self._orders(convs, turn)
         chats, shown = [], []  # shown[j] = (conversation index, "AB" | "BA") of judge chat j
         for i, c in enumerate(convs):
-            for order in (("AB", "BA") if orders[i] == "both" else (orders[i],)):
+            swap = {"AB": "BA", "BA": "AB"}.get(orders[i]) if self._swapped(c, turn) else None
+            for order in (("AB", "BA") if orders[i] == "both" else (orders[i], swap) if swap else (orders[i],)):
                 a, b = (hinted[i], plain[i]) if order == "AB" else (plain[i], hinted[i])
                 chats.append(prompts.judge_messages(c.profile, c.personality, spines[i], a, b))
                 shown.append((i, order))
         rulings = self.judge.rule(chats, self._params("judge", turn))
         per_conv: list[list[tuple]] = [[] for _ in convs]  # per conversation: (winner, raw, hinted margin, method)
+        order_winners: list[dict] = [{} for _ in convs]  # per conversation: order → winner, for the calibration
         for (i, order), ruling in zip(shown, rulings):
             winner = None if ruling.choice is None else (
                 "hinted" if (ruling.choice == "A") == (order == "AB") else "plain")
@@ -136,14 +148,18 @@ class TreeScript:
             else:
                 raw = ruling.raw[0] if len(ruling.raw) == 1 else ruling.raw
                 per_conv[i].append((winner, raw, None, "text"))
+            order_winners[i][order] = winner
         verdicts = []
         for i, views in enumerate(per_conv):
             winners = [w for w, _, _, _ in views]
             raws = [r for _, r, _, _ in views]
             scored = all(m == "logprob" for _, _, _, m in views)
             method = "logprob" if scored else "text"
+            both = {"order_winners": order_winners[i]} if len(views) == 2 else {}
             if orders[i] != "both":
-                record = JudgeRecord(order=orders[i], raw=raws[0], method=method, winner=winners[0])
+                # A swapped probe: the winner of each order and the probe's raw answer are kept beside the verdict.
+                both |= {"swap_raw": raws[1]} if len(views) == 2 else {}
+                record = JudgeRecord(order=orders[i], raw=raws[0], method=method, winner=winners[0], **both)
                 verdicts.append(_Verdict(winners[0], record))
                 continue
             agreed = None not in winners and winners[0] == winners[1]
@@ -154,7 +170,7 @@ class TreeScript:
                 winner = "hinted" if sum(m for _, _, m, _ in views) >= 0 else "plain"
             flat_raw = [r if isinstance(r, str) else " | ".join(r) for r in raws]
             verdicts.append(_Verdict(winner, JudgeRecord(order="both", raw=flat_raw, agreed=agreed, method=method,
-                                                         winner=winner)))
+                                                         winner=winner, **both)))
         return verdicts
 
     def turn(self, convs: list[PlannedConversation], histories: list[list[dict]], turn: int,
@@ -210,12 +226,15 @@ class TreeScript:
                 "generation": {r: getattr(self.cfg.roles, r).generation.model_dump(mode="json", exclude={"seed"})
                                for r in TREE_ROLES},
                 "seed": self.cfg.seed, "conversation_seed": conv.seed, "prompt_hash": prompts.prompt_hash(),
+                **({"judge_swap_fraction": self.tc.judge_swap_fraction} if self._swap_on() else {}),
                 "user_repeat_guard": self._guard_card(),
                 "judge_order": self.tc.judge_order, "continue_with": self.tc.continue_with}
 
     def run(self, plan: list[PlannedConversation], show_progress: bool = True) -> dict:
         """Generate (or finish) every planned conversation; returns a summary of this run."""
         fingerprint = {"seed": self.cfg.seed, "turns": self.tc.turns, "prompt_hash": prompts.prompt_hash(),
+                       # Only when on, so state folders written before the key existed stay valid with it off.
+                       **({"judge_swap_fraction": self.tc.judge_swap_fraction} if self._swap_on() else {}),
                        "user_repeat_guard": self._guard_card(),
                        "plan": hashlib.sha256(json.dumps([(c.id, c.profile, c.personality) for c in plan]).encode())
                        .hexdigest()}
@@ -227,6 +246,9 @@ class TreeScript:
         self._write_output(plan, done)
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "planned": len(plan),
                 "finished": sum(len(done[c.id]) >= self.tc.turns for c in plan),
+                "judge_calibration": judge_calibration(
+                    [Turn.model_validate(r["data"]) for c in plan for r in done[c.id][: self.tc.turns]],
+                    self.tc.judge_flag_first_shown).to_json(),
                 "committed_turns_at_start": stats.turns_at_start, "turns_generated": stats.turns_done,
                 "user_repeat_guard": self._guard_summary(plan, done)}
 
@@ -251,6 +273,17 @@ class TreeScript:
                    for c in plan if len(done[c.id]) >= self.tc.turns]
         if records:
             storage.write_text(self.tc.output, "".join(r.model_dump_json() + "\n" for r in records))
+
+
+def judge_calibration(turns: Sequence[Turn], max_first_shown_rate: float) -> Calibration:
+    """Agreement and position bias of the pairwise judge over the turns judged in both orders (`order_winners`):
+    in order AB the first-shown reply is the hinted one, in BA the plain one."""
+    pairs = []
+    for t in turns:
+        winners = (t.judge.model_extra or {}).get("order_winners") if t.judge is not None else None
+        if winners:
+            pairs.append((winners["AB"], winners["AB"] == "hinted", winners["BA"], winners["BA"] == "plain"))
+    return calibrate(pairs, len(prompts.JUDGE_OPTIONS), max_first_shown_rate)
 
 
 def load_pools(cfg: DatagenConfig) -> tuple[list[str], list[str]]:

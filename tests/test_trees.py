@@ -112,7 +112,10 @@ def test_turn_protocol_roles_see_what_they_should(tmp_path):
     later = [c for c in backends["user"].seen if rec.profile in c[0]["content"] and len(c) == 4][0]
     assert later[2]["content"] == rec.turns[0].user
     assert later[3]["content"] == rec.turns[0].reply(rec.turns[0].continued)
-    assert meter.by_role["user"].calls == 6 and meter.by_role["judge"].calls == 6
+    # The judge also sees the swapped order of the seeded share of turns that measure its calibration.
+    swapped = sum(bool(getattr(t.judge, "order_winners", None)) for r in records for t in r.turns)
+    assert meter.by_role["user"].calls == 6 and meter.by_role["judge"].calls == 6 + swapped
+    assert summary["judge_calibration"]["pairs"] == swapped
 
 
 def test_orders_and_continued_branch_are_randomised_and_seeded(tmp_path):
@@ -131,7 +134,7 @@ def test_continue_with_preferred(tmp_path):
 
 def test_unparseable_judge_is_recorded_not_fatal(tmp_path):
     backends = scripted_backends(judge_reply=lambda c: "Both replies have merits.")
-    generate_trees(_cfg(tmp_path, judge_retries=2), backends, show_progress=False)
+    generate_trees(_cfg(tmp_path, judge_retries=2, judge_swap_fraction=0.0), backends, show_progress=False)
     for turn in (t for r in _records(tmp_path / "trees.jsonl") for t in r.turns):
         assert not turn.judged and turn.judge.raw == ["Both replies have merits."] * 3
     assert len(backends["judge"].seen) == 2 * 3 * 3  # conversations × turns × (1 + 2 retries)

@@ -53,6 +53,8 @@ _NO_KEY_RECORDED = ("tests/test_llm.py::test_backend_name_holds_no_key_from_the_
                     "tests/test_faults.py::test_trees_on_an_endpoint_that_turns_malformed_keeps_committed_turns_and_"
                     "records_no_key")
 _LORA = "tests/test_lora.py"
+_KNOWING = "tests/test_knowing.py"
+_JUDGE_CALIBRATION = "tests/test_judge_calibration.py"
 _SESSIONS = "tests/test_sessions.py"
 _SESSION_TURNS = f"{_SESSIONS}::test_session_turns_equal_full_reprefill_for_every_family[llama3]"
 _SESSION_OPS = f"{_SESSIONS}::test_fork_spill_restore_and_truncate_keep_turns_equal"
@@ -279,6 +281,17 @@ MUTANTS: list[Mutant] = [
            "probs = weights / weights.sum()", "probs = weights",
            ("tests/test_eval_judge.py::test_verdict_from_option_logprobs",),
            "expected score weights options by unnormalised probabilities"),
+    Mutant("knowing_empty_field_scored", "aloe_jax/eval/knowing.py",
+           "return [float(c) if text.strip() else 0.0 for c, text in zip(cos, inferred)]",
+           "return [float(c) for c in cos]", (_KNOWING,),
+           "an inferred field left empty is scored by its embedding instead of 0 (nothing recovered)"),
+    Mutant("probe_scale_not_reversed", "aloe_jax/eval/knowing.py",
+           'SCALE_REVERSED = "Scale: " + ", ".join(reversed(_ITEMS)) + ".\\n"',
+           'SCALE_REVERSED = "Scale: " + ", ".join(_ITEMS) + ".\\n"', (_JUDGE_CALIBRATION,),
+           "the judge probe shows the same scale order again: a first-position judge goes unseen"),
+    Mutant("first_shown_rate_over_pairs", "aloe_jax/conversation/calibration.py",
+           "/ (2 * len(decided))", "/ len(decided)", (_JUDGE_CALIBRATION,),
+           "the first-shown rate divides the judgments of both orders by the number of pairs"),
     Mutant("al_plot_from_turn_zero", "aloe_jax/eval/report.py",
            "k = np.arange(1, len(summary.al) + 1)", "k = np.arange(len(summary.al))",
            ("tests/test_eval_runner.py::test_al_curve_plot_draws_turn_k_at_x_k",), "AL(k) plotted at k = 0..K-1"),

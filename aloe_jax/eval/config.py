@@ -31,6 +31,15 @@ class SimulatorConfig(RepeatGuardConfig):
     generation: GenerationParams = GenerationParams(temperature=0.7, top_p=0.9, max_tokens=64)
 
 
+class KnowingConfig(StrictModel):
+    """Knowing vs doing: after each turn the extractor (as in tree generation) infers the persona from the
+    conversation so far, scored against the true profile and personality by MiniLM cosine similarity."""
+
+    enabled: bool = True
+    backend: BackendConfig = BackendConfig()
+    generation: GenerationParams = GenerationParams(temperature=0.0, max_tokens=128)
+
+
 class JudgeConfig(StrictModel):
     """The per-turn judge."""
 
@@ -41,6 +50,11 @@ class JudgeConfig(StrictModel):
     max_tokens: int = pydantic.Field(8, gt=0)
     # Earlier exchanges shown to the judge besides the one it rates (longer context costs judge compute each turn).
     history_turns: int = pydantic.Field(2, ge=0)
+    # Repeat-agreement probe: this share of (case, turn), drawn with the run seed, is scored again with the scale
+    # listed backwards (5 first) and another seed; the judge is flagged when its agreement is at most chance (1/5) or
+    # it chooses the first-listed score in this share of the probe's judgments.
+    probe_fraction: float = pydantic.Field(0.2, ge=0.0, le=1.0)
+    flag_first_shown: float = pydantic.Field(0.8, gt=0.0, le=1.0)
 
     def resolved_method(self) -> Literal["logprobs", "text"]:
         """The scoring method actually used."""
@@ -60,6 +74,7 @@ class EvalConfig(StrictModel):
     model: ModelUnderTest = ModelUnderTest()
     simulator: SimulatorConfig = SimulatorConfig()
     judge: JudgeConfig = JudgeConfig()
+    knowing: KnowingConfig = KnowingConfig()
     bootstrap_resamples: int = pydantic.Field(2000, ge=0)
     cache_calls: bool = True  # keep simulator/judge calls in <output_dir>/calls.sqlite so a rerun costs nothing
     progress_bar: bool = True

@@ -79,9 +79,11 @@ class Judge:
                                          use_logprobs=method == "logprobs")
         self.max_tokens = max_tokens
 
-    def score(self, chats: Sequence[Conversation]) -> list[Verdict]:
-        """One Verdict per chat; chats the option scorer cannot handle fall back to reading text."""
-        rulings = self.options_judge.rule(chats, GenerationParams(temperature=0.0, max_tokens=self.max_tokens))
+    def score(self, chats: Sequence[Conversation], seed: int = 0) -> list[Verdict]:
+        """One Verdict per chat; chats the option scorer cannot handle fall back to reading text (sampling seed
+        `seed`)."""
+        rulings = self.options_judge.rule(chats, GenerationParams(temperature=0.0, max_tokens=self.max_tokens,
+                                                                  seed=seed))
         return [verdict_from_logprobs(r.option_logprobs) if r.method == "logprobs"
                 else Verdict(score=None if r.choice is None else int(r.choice), method="text", raw=r.raw)
                 for r in rulings]

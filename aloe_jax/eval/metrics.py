@@ -138,6 +138,24 @@ def summarise(scores: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> Run
 
 
 @dataclasses.dataclass(frozen=True)
+class TurnMeans:
+    """A per-turn mean over cases (e.g. how much of the persona is known after turn k) with its 95% bootstrap
+    interval over cases."""
+
+    mean: np.ndarray  # [turns]
+    ci: tuple[np.ndarray, np.ndarray]  # [turns] each
+    counts: np.ndarray  # [turns] cases with a value
+
+
+def turn_means(values: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> TurnMeans:
+    """The TurnMeans of `values` `[cases, turns]` (NaN = none), resampling cases as `summarise` does."""
+    values = np.asarray(values, dtype=np.float64)
+    mean, counts = al_curve(values)
+    low, high = _bootstrap(lambda idx: al_curve(values[idx])[0], len(values), n_resamples, seed)
+    return TurnMeans(mean, (low, high), counts)
+
+
+@dataclasses.dataclass(frozen=True)
 class PairedDifference:
     """Run B minus run A on the cases both ran: point differences with 95% paired-bootstrap intervals."""
 

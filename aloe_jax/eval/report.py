@@ -15,6 +15,7 @@ import numpy as np
 from aloe_jax.core import storage
 from aloe_jax.core.errors import ConfigError
 from aloe_jax.eval import metrics
+from aloe_jax.eval.knowing import KNOWING_FIELDS, probe_calibration, score_distribution
 from aloe_jax.eval.runner import PROTOCOL_FILE, read_records, score_matrix, turn_seconds
 
 REPORT_FILE = "report.md"
@@ -115,12 +116,12 @@ def summary_json(summary: metrics.RunSummary) -> dict:
 
 
 def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunSummary | None,
-             extra: dict | None = None) -> str:
-    """report.md of one run."""
+             extra: dict | None = None, sections: Sequence[str] = (), warnings: Sequence[str] = ()) -> str:
+    """report.md of one run; `warnings` are lines under the title, `sections` markdown after the metrics."""
     turns = len(summary.al)
     n_ran = int(run.ran.sum())
     unscored = int((run.ran & np.isnan(run.scores)).sum())
-    lines = [f"# ALOE evaluation — {run.card.get('model')}", ""]
+    lines = [f"# ALOE evaluation — {run.card.get('model')}", ""] + [x for w in warnings for x in (w, "")]
     if n_ran < run.planned:
         # A long run is read while it is resumed: turns not run yet are not missing judge scores.
         lines += [f"**Run in progress: {n_ran} of {run.planned} case-turns done.** Turns not run yet read n/a and are "
@@ -169,6 +170,8 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
     if expected:
         lines += [f"| AVG, expected score | {_num(expected.avg)} | {_ci(expected.avg_ci)} |",
                   f"| slope, expected score | {_num(expected.slope, 4, True)} | {_ci(expected.slope_ci, 4, True)} |"]
+    for section in sections:
+        lines += ["", section]
     lines += ["", "A constant AL(k) has N-AL(k) = 0 at every turn and N-IR = 0; its R² is n/a (nothing to explain).",
               "", f"![AL(k)]({PLOT_FILE})", "", "## Protocol", ""]
     lines += [f"- **{key}**: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
@@ -189,7 +192,8 @@ def markdown(run: LoadedRun, summary: metrics.RunSummary, expected: metrics.RunS
 
 def plot_curves(runs: Sequence[tuple[str, metrics.RunSummary]], path: str,
                 title: str = "ALOE: alignment per turn",
-                expected: Sequence[metrics.RunSummary | None] | None = None) -> None:
+                expected: Sequence[metrics.RunSummary | None] | None = None,
+                knowing: metrics.TurnMeans | None = None) -> None:
     """Write a PNG with each run's AL(k) (line and markers), its 95% band and its fit over the turns it has; with
     `expected` (one per run, None where the judge gave no probabilities), also the expected-score AL(k), dotted."""
     import matplotlib
@@ -197,7 +201,11 @@ def plot_curves(runs: Sequence[tuple[str, metrics.RunSummary]], path: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=150)
+    if knowing is None:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=150)
+    else:  # knowing vs doing: a second panel
+        fig, (ax, ax_knowing) = plt.subplots(1, 2, figsize=(14, 5), dpi=150)
+        _knowing_panel(ax_knowing, knowing)
     turns_max = 1
     for i, (label, summary) in enumerate(runs):
         color = plt.get_cmap("tab10")(i % 10)
@@ -238,8 +246,11 @@ def write_report(folder: str, n_resamples: int = 2000, seed: int = 0, extra: dic
     run = load_run(folder)
     summary = metrics.summarise(run.scores, n_resamples, seed)
     expected = metrics.summarise(run.expected, n_resamples, seed) if run.expected is not None else None
-    storage.write_text(os.path.join(folder, REPORT_FILE), markdown(run, summary, expected, extra))
-    plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE), expected=[expected])
+    measured = _measurements(run, summary, n_resamples, seed)
+    storage.write_text(os.path.join(folder, REPORT_FILE), markdown(run, summary, expected, extra,
+                                                                   measured["sections"], measured["warnings"]))
+    plot_curves([(str(run.card.get("model")), summary)], os.path.join(folder, PLOT_FILE), expected=[expected],
+                knowing=measured["knowing"])
     storage.write_text(os.path.join(folder, SUMMARY_FILE), json.dumps(
         {"score": summary_json(summary), "expected_score": summary_json(expected) if expected else None,
          "looping": run.repeated.sum(axis=0).tolist(),
@@ -248,7 +259,7 @@ def write_report(folder: str, n_resamples: int = 2000, seed: int = 0, extra: dic
              "resampled_per_turn": (run.resamples > 0).sum(axis=0).tolist(),
              "resamples_per_turn": run.resamples.sum(axis=0).tolist(),
              "repeating_per_turn": run.user_repeats.sum(axis=0).tolist()},
-         "protocol": run.card}, indent=1) + "\n")
+         **measured["json"], "protocol": run.card}, indent=1) + "\n")
     return summary
 
 
@@ -296,3 +307,69 @@ def compare(folders: Sequence[str], out_dir: str, n_resamples: int = 2000, seed:
     text = "\n".join(lines)
     storage.write_text(os.path.join(out_dir, "compare.md"), text)
     return text
+
+
+def _knowing_panel(ax, knowing: metrics.TurnMeans) -> None:
+    """The plot's second panel: how much of the persona the extractor recovers after each turn, with its band."""
+    k = np.arange(1, len(knowing.mean) + 1)
+    if not np.all(np.isnan(knowing.ci[0])):
+        ax.fill_between(k, knowing.ci[0], knowing.ci[1], color="tab:green", alpha=0.18, linewidth=0)
+    ax.plot(k, knowing.mean, marker="o", color="tab:green", linewidth=2)
+    ax.set_xticks(k)
+    ax.set_xlim(0.7, len(k) + 0.3)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("turn k", fontsize=12)
+    ax.set_ylabel("knowing: MiniLM cosine, inferred vs true persona", fontsize=11)
+    ax.set_title("Knowing: persona recovered from the chat so far\n(shaded: 95% CI over cases)", fontsize=11)
+    ax.grid(True, alpha=0.3)
+
+
+def _measurements(run: LoadedRun, summary: metrics.RunSummary, n_resamples: int, seed: int) -> dict:
+    """Knowing vs doing, the judge's calibration and its score distribution per turn, from the records: report
+    sections, warning lines, summary.json entries and the plot's second panel."""
+    records = read_records(run.folder)
+    turns = run.scores.shape[1]
+    sections, warnings, out = [], [], {}
+    knowing = None
+    if any("knowing" in r for r in records):
+        curves = {f: metrics.turn_means(score_matrix(records, run.case_ids, turns, f), n_resamples, seed)
+                  for f in KNOWING_FIELDS}
+        knowing = curves["knowing"]
+        out["knowing"] = {f: {"mean": summary_json_values(c.mean), "ci": [summary_json_values(c.ci[0]),
+                                                                           summary_json_values(c.ci[1])],
+                              "counts": c.counts.tolist()} for f, c in curves.items()}
+        out["knowing"]["protocol"] = run.card.get("knowing")
+        rows = ["## Knowing vs doing", "",
+                "After each turn the extractor reads the conversation so far; *knowing* is the MiniLM cosine "
+                "similarity of what it infers with the true profile and personality (their mean; an empty field "
+                "scores 0), averaged over cases with a 95% bootstrap CI over cases. A model that adapts should both "
+                "know more and do better; a flat, saturated curve means the simulator reveals everything at once.",
+                "", "| turn k | knowing | 95% CI | profile | personality | AL(k) |", "|---:|---:|:---:|---:|---:|---:|"]
+        for k in range(turns):
+            rows.append(f"| {k + 1} | {_num(knowing.mean[k])} | {_ci((knowing.ci[0][k], knowing.ci[1][k]))} | "
+                        f"{_num(curves['knowing_profile'].mean[k])} | {_num(curves['knowing_personality'].mean[k])} "
+                        f"| {_num(summary.al[k])} |")
+        sections.append("\n".join(rows))
+    distribution = score_distribution(run.scores, run.ran)
+    out["score_distribution"] = distribution
+    rows = ["## Judge calibration", ""]
+    if isinstance(run.card.get("judge_probe"), dict):
+        calibration = probe_calibration(records, float(run.card["judge_probe"]["flag_first_shown"]))
+        out["judge_calibration"] = calibration.to_json()
+        rows += [calibration.line(), "",
+                 f"Repeat-agreement probe: {run.card['judge_probe']['fraction']:g} of the case-turns (seeded) scored "
+                 "again with the scale listed backwards (5 first) and another seed; agreement = same score both "
+                 "times; first-listed = the judgment chose 1 forwards or 5 backwards.", ""]
+        if calibration.flagged:
+            warnings.append(calibration.line())
+    rows += ["Scores per turn (cases; missing: run but unscored):", "",
+             "| turn k | 1 | 2 | 3 | 4 | 5 | missing |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {k + 1} | " + " | ".join(str(d[s]) for s in ("1", "2", "3", "4", "5", "missing")) + " |"
+             for k, d in enumerate(distribution)]
+    sections.append("\n".join(rows))
+    return {"sections": sections, "warnings": warnings, "json": out, "knowing": knowing}
+
+
+def summary_json_values(values: np.ndarray) -> list:
+    """A float array as JSON values (NaN as null)."""
+    return [None if math.isnan(v) else float(v) for v in np.asarray(values, np.float64).tolist()]

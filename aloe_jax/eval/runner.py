@@ -29,6 +29,7 @@ from aloe_jax.eval import prompts
 from aloe_jax.eval.cases import EvalCase
 from aloe_jax.eval.config import EvalConfig
 from aloe_jax.eval.judge import Judge
+from aloe_jax.eval.knowing import JudgeProbe, Knowing
 from aloe_jax.llm.jax_backend import JaxBackend
 from aloe_jax.llm.roles import Role
 from aloe_jax.llm.usage import UsageMeter
@@ -72,10 +73,22 @@ class EvalRunner:
                  guard: RepeatGuard | None = None):
         self.cfg, self.cases, self.out_dir, self.card = cfg, list(cases), out_dir, card
         self.simulator, self.judge = simulator, judge
+        self.knowing: Knowing | None = None  # see measuring()
+        self.probe: JudgeProbe | None = None
         # Without an embedder given, the guard catches exact repeats only.
         self.guard = guard or RepeatGuard.from_config(cfg.simulator)
         # Not behind the call cache: committed turns are never redone, so a cached reply could only be a stale one.
         self.model = Role("model", JaxBackend(engine=engine, name=card["model"]), None, meter)
+
+    def measuring(self, knowing: Knowing | None = None, probe: JudgeProbe | None = None) -> EvalRunner:
+        """This runner, also measuring after each turn how much of the persona the conversation reveals (`knowing`)
+        and scoring a share of the replies again (`probe`); each one on the protocol card when on."""
+        self.knowing, self.probe = knowing, probe
+        if knowing is not None:
+            self.card["knowing"] = knowing.card()
+        if probe is not None:
+            self.card["judge_probe"] = probe.card()
+        return self
 
     def conversation_id(self, case: EvalCase) -> str:
         return case.case_id
@@ -106,7 +119,7 @@ class EvalRunner:
                 prompts.judge_messages(c, p, u.text, r.text, self.cfg.judge.history_turns)
                 for c, p, u, r in zip(cases, pairs, users, replies)
             ])
-        return [
+        records = [
             {"case_id": c.case_id, "profile_index": c.profile_index, "personality_index": c.personality_index,
              "turn": turn, "user": u.text, "user_finish": u.finish_reason, "user_resamples": n,
              "user_repeats": repeats, "assistant": r.text,
@@ -114,6 +127,26 @@ class EvalRunner:
              "expected_score": v.expected_score, "judge": v.to_json()}
             for c, u, r, v, n, repeats in zip(cases, users, replies, verdicts, guarded.resamples, guarded.repeated)
         ]
+        return self._measure(cases, pairs, users, replies, turn, stopwatch, records)
+
+    def _measure(self, cases, pairs, users, replies, turn: int, stopwatch: Stopwatch, records: list[dict]) -> list[dict]:
+        """`records` with the knowing fields and the judge probe's score added (where on)."""
+        if self.knowing is not None:
+            with stopwatch("extractor"):
+                known = self.knowing.measure(
+                    cases, [[*p, (u.text, r.text)] for p, u, r in zip(pairs, users, replies)], turn)
+            for record, fields in zip(records, known):
+                record.update(fields)
+        if self.probe is not None:
+            with stopwatch("judge probe"):
+                probed = self.probe.score([c.case_id for c in cases], [
+                    prompts.judge_messages(c, p, u.text, r.text, self.cfg.judge.history_turns)
+                    for c, p, u, r in zip(cases, pairs, users, replies)], turn)
+            for record, verdict in zip(records, probed):
+                if verdict is not None:
+                    record["judge_probe"] = {"score": verdict.score, "expected_score": verdict.expected_score,
+                                             "judge": verdict.to_json()}
+        return records
 
 
 def turn_seconds(out_dir: str) -> dict[int, dict[str, float]]:
@@ -222,9 +255,18 @@ def build_runner(cfg: EvalConfig, out_dir: str, meter: UsageMeter | None = None)
     card = protocol_card(cfg, cfg.model.path, simulator.backend.name, judge_role.backend.name)
     card["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}" + (" (mesh)" if mesh else "")
     card["model_sources"] = model_sources(cfg)
+    knowing = probe = None
+    if cfg.knowing.enabled:
+        from aloe_jax.models.sentence_encoder import SentenceEncoder
+
+        extractor = Role("extractor", backend_for(cfg.knowing.backend), cache, meter)
+        knowing = Knowing(extractor, cfg.knowing.generation, SentenceEncoder().encode, cfg.seed)
+    if cfg.judge.probe_fraction > 0:
+        probe = JudgeProbe(judge, cfg.judge.probe_fraction, cfg.seed, cfg.judge.flag_first_shown)
     guard = None
     if cfg.simulator.repeat_threshold is not None:
         from aloe_jax.models.sentence_encoder import SentenceEncoder
 
         guard = RepeatGuard.from_config(cfg.simulator, SentenceEncoder().encode)
-    return EvalRunner(cfg, cases, engine, simulator, judge, out_dir, card, meter, guard)
+    runner = EvalRunner(cfg, cases, engine, simulator, judge, out_dir, card, meter, guard)
+    return runner.measuring(knowing, probe)
