@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--peer", nargs="+", choices=SHORT, default=list(SHORT), help="transformers dtypes")
     parser.add_argument("--peer-requests", type=int, default=16)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (on a shared machine 1: spinning worker threads collapse under load)")
     args = parser.parse_args()
 
     import torch
@@ -108,17 +110,23 @@ def main() -> None:
     from aloe_jax.models.loader import load_model
     from aloe_jax.models.weights import export_hf
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"aloe-jax: `aloe-jax serve --max-batch {args.max_batch}` (SmolLM2-135M fp32, continuous batching), "
           "clients: openai streaming, greedy, budgets " + "/".join(map(str, BUDGETS)))
     proc, base_url = start_server(args.max_batch)
     rows = []
+
+    def report(name: str, r: dict) -> None:
+        rows.append((name, r))
+        ttft = f", TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s" if "ttft_p50" in r else ""
+        print(f"{name}: {r['requests_s']:.2f} requests/s, {r['tokens_s']:.1f} tokens/s{ttft}", flush=True)
+
     try:
         for clients in args.clients:  # warm-up: every shape this concurrency needs gets compiled once
             measure_server(base_url, clients, 1)
         for clients in args.clients:
-            rows.append((f"aloe-jax, {clients} clients", measure_server(base_url, clients, args.requests_per_client)))
+            report(f"aloe-jax, {clients} clients", measure_server(base_url, clients, args.requests_per_client))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -133,8 +141,8 @@ def main() -> None:
         peers[dt] = measure_peer(peer, tokenizer, args.peer_requests)
         print(f"transformers {transformers.__version__} + torch {torch.__version__} {SHORT[dt]}: "
               f"from_pretrained(dtype=torch.{dt}, attn_implementation={peer.config._attn_implementation!r}), "
-              "generate(do_sample=False) one request at a time")
-        rows.append((f"transformers {SHORT[dt]} loop", peers[dt]))
+              f"generate(do_sample=False) one request at a time, {torch.get_num_threads()} threads", flush=True)
+        report(f"transformers {SHORT[dt]} loop", peers[dt])
     best = max(peers.values(), key=lambda r: r["tokens_s"])
     print(f"\n| server | requests/s | tokens/s | TTFT p50 s | TTFT p95 s | tokens/s vs faster peer |")
     print("|---|---|---|---|---|---|")

@@ -213,7 +213,7 @@ def _resize_program(rows: int, capacity: int):
     return jax.jit(resize)  # a new shape: the old buffer cannot be donated
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_row(cache: KVCache, src, dst) -> KVCache:
     return jax.tree.map(lambda c: c.at[dst].set(c[src]), cache)
 
@@ -343,8 +343,11 @@ class SessionPool:
         fresh = [list(prompt[keep:]) for prompt, keep in zip(prompts, offsets)]
         self._ensure(slots)
         rows, offsets_all, sampling, choices = list(rows), list(offsets), list(sampling), list(choices)
-        if pad_rows:
-            target = min(1 << (len(rows) - 1).bit_length(), self.rows)
+        target = 1 << (len(rows) - 1).bit_length() if pad_rows else len(rows)
+        # A one-row gather/scatter is lowered to slices that XLA does not update in place: the whole cache would be
+        # copied (benchmarks/README.md, "Session memory"). Two rows keep it in place.
+        target = min(max(target, 2), self.rows)
+        if target > len(rows):
             others = sorted((r for r in range(self.rows) if r not in set(rows)
                              and len(self._tokens[r]) + length <= self.capacity), key=lambda r: len(self._tokens[r]))
             for r in others[:target - len(rows)]:
