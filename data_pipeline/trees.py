@@ -253,7 +253,8 @@ class TreeScript:
                 "user_repeat_guard": self._guard_summary(plan, done)}
 
     def _guard_card(self) -> dict:
-        return {"max_resamples": self.tc.max_resamples, "repeat_threshold": self.tc.repeat_threshold}
+        return {"max_resamples": self.tc.max_resamples, "repeat_threshold": self.tc.repeat_threshold,
+                "resample_temperature": self.tc.resample_temperature}
 
     def _guard_summary(self, plan: list[PlannedConversation], done: Histories) -> dict:
         """Per turn, over every committed turn of the plan: the simulator's resamples and the messages that still

@@ -32,10 +32,11 @@ class RepeatingSimulator:
     name = "scripted:simulator"
 
     def __init__(self, copies: int | None, steady: str | None = None):
-        self.copies, self.steady, self.calls, self.tries = copies, steady, [], {}
+        self.copies, self.steady, self.calls, self.tries, self.temperatures = copies, steady, [], {}, []
 
     def chat(self, conversations, params):
         self.calls.append((params.seed, len(conversations)))
+        self.temperatures.append(params.temperature)
         out = []
         for chat in conversations:
             persona, turn = chat[0]["content"], sum(m["role"] == "assistant" for m in chat)
@@ -87,6 +88,7 @@ def test_eval_resamples_only_the_repeating_rows_with_new_seeds_and_reports_the_c
     assert [n for _, n in simulator.calls] == [2, 2, 1, 1, 2, 1, 1]
     seeds = [s for s, _ in simulator.calls]
     assert len(set(seeds[1:4])) == 3 and len(set(seeds[4:7])) == 3  # each resample of a turn has its own seed
+    assert simulator.temperatures == [0.7, 0.7, 1.0, 1.0, 0.7, 1.0, 1.0]  # resamples draw hotter
     by_key = {(r["case_id"], r["turn"]): r for r in records}
     first = by_key[cases[0].case_id, 1]["user"]
     for turn in (2, 3):

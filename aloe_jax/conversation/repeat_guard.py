@@ -4,8 +4,9 @@ conversation stuck in such a loop re-scores the same exchange turn after turn.
 
 A new user message *repeats* when it equals an earlier user message of the same conversation after whitespace and
 case are normalised, or — with an embedder — when its cosine similarity to one of them exceeds `threshold`. Only the
-rows that repeat are sampled again, together in one batch, with a seed derived from the turn's seed and the attempt,
-up to `max_resamples` times; a row still repeating after that keeps its last message and is counted as a repeat.
+rows that repeat are sampled again, together in one batch, with a seed derived from the turn's seed and the attempt
+and at `resample_temperature` at least (a 135M simulator at 0.7 keeps copying itself whatever the seed), up to
+`max_resamples` times; a row still repeating after that keeps its last message and is counted as a repeat.
 Resampling goes through the role's call cache like any call, so a resumed turn replays it. A greedy simulator
 (temperature 0) gives the same message for every seed: the guard then only counts.
 """
@@ -33,6 +34,7 @@ class RepeatGuardConfig(StrictModel):
 
     max_resamples: int = pydantic.Field(3, ge=0)
     repeat_threshold: float | None = pydantic.Field(0.9, ge=-1.0, le=1.0)
+    resample_temperature: float | None = pydantic.Field(1.0, ge=0.0)  # None: the turn's own temperature
 
 
 def normalise(text: str) -> str:
@@ -57,10 +59,12 @@ class RepeatGuard:
     max_resamples: int = 3
     threshold: float | None = 0.9
     embed: Embedder | None = None  # None: exact repeats only
+    resample_temperature: float | None = None  # resamples draw at max(the turn's temperature, this)
 
     @classmethod
     def from_config(cls, cfg: RepeatGuardConfig, embed: Embedder | None = None) -> "RepeatGuard":
-        return cls(cfg.max_resamples, cfg.repeat_threshold, embed if cfg.repeat_threshold is not None else None)
+        return cls(cfg.max_resamples, cfg.repeat_threshold, embed if cfg.repeat_threshold is not None else None,
+                   cfg.resample_temperature)
 
     def repeats(self, messages: Sequence[str], earlier: Sequence[Sequence[str]]) -> list[bool]:
         """Per row: does `messages[i]` repeat one of `earlier[i]` (exactly, or by similarity above the threshold)?"""
@@ -89,7 +93,8 @@ class RepeatGuard:
             rows = [i for i, flag in enumerate(repeated) if flag]
             if not rows:
                 break
-            retry = params.model_copy(update={"seed": derive_seed(params.seed, "resample", attempt)})
+            retry = params.model_copy(update={"seed": derive_seed(params.seed, "resample", attempt),
+                                              "temperature": max(params.temperature, self.resample_temperature or 0.0)})
             fresh = role.chat([chats[i] for i in rows], retry)
             again = self.repeats([r.text for r in fresh], [earlier[i] for i in rows])
             for i, result, flag in zip(rows, fresh, again):
