@@ -143,13 +143,14 @@ class DecodeOut(NamedTuple):
     logprobs: _TokenLogprobs | None  # [rows, steps(, n)]
 
 
-def _decode(graphdef, mode: _Mode, steps: int, window: int, state, full_cache: KVCache, decode: DecodeState,
-            stop_ids, sampling: RowSampling) -> tuple[KVCache, DecodeState, DecodeOut]:
+def _decode(graphdef, mode: _Mode, steps: int, window: int, state, full_cache: KVCache, row_ids,
+            decode: DecodeState, stop_ids, sampling: RowSampling) -> tuple[KVCache, DecodeState, DecodeOut]:
     """Up to `steps` decode steps of every live row (fewer when all rows finish): feed each row's token at its slot,
     pick the next. Finished rows keep writing at their own slot, which lies past what they hold. Only the first
-    `window` slots of each row are read or written."""
+    `window` slots of each row are read or written. `row_ids` `[n]`: decode only those rows of the cache (`decode`
+    and `sampling` are theirs); None: every row."""
     model = nnx.merge(graphdef, state)
-    cache = _window(full_cache, None, window)
+    cache = _window(full_cache, row_ids, window)
     rows, capacity = decode.token.shape[0], cache.length
     out = jnp.zeros((rows, steps), jnp.int32)
     out_lp = None
@@ -182,7 +183,7 @@ def _decode(graphdef, mode: _Mode, steps: int, window: int, state, full_cache: K
     zeros = jnp.zeros((rows,), jnp.int32)
     first = (jnp.int32(0), cache, decode._replace(token_logprobs=None), out, out_lp, zeros, zeros.astype(bool))
     _, cache, decode, out, out_lp, count, stopped = jax.lax.while_loop(running, body, first)
-    return _put_window(full_cache, None, cache), decode, DecodeOut(out, count, stopped, out_lp)
+    return _put_window(full_cache, row_ids, cache), decode, DecodeOut(out, count, stopped, out_lp)
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,8 +195,11 @@ def _prefill_program(graphdef, mode: _Mode, all_rows: bool, window: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_program(graphdef, mode: _Mode, steps: int, window: int):
-    return jax.jit(functools.partial(_decode, graphdef, mode, steps, window), donate_argnums=(1,))
+def _decode_program(graphdef, mode: _Mode, steps: int, window: int, all_rows: bool):
+    fn = functools.partial(_decode, graphdef, mode, steps, window)
+    if all_rows:
+        return jax.jit(lambda state, cache, *rest: fn(state, cache, None, *rest), donate_argnums=(1,))
+    return jax.jit(fn, donate_argnums=(1,))
 
 
 def _window_size(slots: int, capacity: int) -> int:
@@ -397,13 +401,17 @@ class SessionPool:
                            np.asarray([p.top_p for p in sampling], np.float32),
                            np.asarray([p.seed for p in sampling], np.uint32), np.asarray(choices, np.int32))
 
-    def decode(self, state: DecodeState, sampling: RowSampling, mode: _Mode, steps: int) -> tuple[DecodeState, DecodeOut]:
-        """Up to `steps` decode steps for all rows (`state` and `sampling` are `[rows]`); the caller records which
-        tokens each row now holds (`note_decoded`)."""
+    def decode(self, state: DecodeState, sampling: RowSampling, mode: _Mode, steps: int,
+               rows: Sequence[int] | None = None) -> tuple[DecodeState, DecodeOut]:
+        """Up to `steps` decode steps for all rows, or for `rows` only (`state` and `sampling` are then theirs, in that
+        order; at least two distinct rows, see prefill); the caller records which tokens each row now holds
+        (`note_decoded`)."""
         slot, live = np.asarray(state.slot), np.asarray(state.live)
         window = _window_size(int(np.max(np.where(live, slot + steps, slot + 1))), self.capacity)
-        program = _decode_program(self._graphdef, mode, steps, window)
-        self.cache, state, out = program(nnx.state(self.model), self.cache, state, self.stop_ids, sampling)
+        all_rows = rows is None or list(rows) == list(range(self.rows))
+        program = _decode_program(self._graphdef, mode, steps, window, all_rows)
+        row_args = () if all_rows else (np.asarray(rows, np.int32),)
+        self.cache, state, out = program(nnx.state(self.model), self.cache, *row_args, state, self.stop_ids, sampling)
         return state, out
 
     def note_decoded(self, row: int, fed: Sequence[int]) -> None:

@@ -272,6 +272,8 @@ class ContinuousScheduler:
             self._finish(row, "length")
 
     def _decode_chunk(self) -> None:
+        """One chunk of decode steps for the live rows only (padded to a power of two with idle rows: few compiled
+        shapes), so a lone request does not pay for every slot."""
         import jax
         import numpy as np
 
@@ -279,25 +281,27 @@ class ContinuousScheduler:
 
         live_rows = [r for r in range(self.max_batch) if self._live[r]]
         mode = self._mode([self._slots[r].request.params for r in live_rows])
-        # Rows not live must not advance: their slot stays past what they hold.
-        for r in range(self.max_batch):
-            if not self._live[r]:
-                self._slot[r] = len(self.pool._tokens[r])
-        before = self._token.copy()
-        state = DecodeState(self._token, self._slot, self._gen, self._budget, self._live)
-        sampling = RowSampling(self._temperature, self._top_p, self._seed, self._choice)
-        state, out = self.pool.decode(state, sampling, mode, self.decode_chunk)
+        target = min(max(1 << (len(live_rows) - 1).bit_length(), 2), self.max_batch)
+        idle = [r for r in range(self.max_batch) if not self._live[r]]
+        rows = np.asarray(live_rows + idle[:target - len(live_rows)], np.int32)
+        for r in idle:  # rows not live must not advance: their slot stays past what they hold
+            self._slot[r] = len(self.pool._tokens[r])
+        pick = lambda a: a[rows]  # noqa: E731
+        state = DecodeState(*map(pick, (self._token, self._slot, self._gen, self._budget, self._live)))
+        sampling = RowSampling(*map(pick, (self._temperature, self._top_p, self._seed, self._choice)))
+        state, out = self.pool.decode(state, sampling, mode, self.decode_chunk, rows=rows.tolist())
         self.programs_run += 1
-        token, slot, gen, budget = (np.array(x) for x in jax.device_get(state[:4]))
+        before = self._token.copy()
+        for name, value in zip(("_token", "_slot", "_gen", "_budget"), jax.device_get(state[:4])):
+            getattr(self, name)[rows] = value
         new, counts = jax.device_get((out.tokens, out.count))
         logprobs = None if out.logprobs is None else jax.device_get(out.logprobs)
-        self._token, self._slot, self._gen, self._budget = token, slot, gen, budget
-        for row in live_rows:
-            n = int(counts[row])
+        for i, row in enumerate(live_rows):
+            n = int(counts[i])
             if n == 0:
                 continue
-            picked = new[row, :n].tolist()
+            picked = new[i, :n].tolist()
             self.pool.note_decoded(row, [int(before[row])] + picked[:-1])
-            self._emit(row, picked, None if logprobs is None else [x[row, :n] for x in logprobs])
+            self._emit(row, picked, None if logprobs is None else [x[i, :n] for x in logprobs])
             if self._slots[row] is not None:
                 self._end_if_done(row, picked[-1])
