@@ -81,7 +81,7 @@ def _stage_commands(out: pathlib.Path, aloe_data: str | None, cases: int, turns:
     ]
     evaluate = [f"--cases={cases}", f"--turns={turns}", *([f"--aloe-data={aloe_data}"] if aloe_data else []),
                 f"model.generation.max_tokens={_REPLY_TOKENS}", f"simulator.generation.max_tokens={_USER_TOKENS}",
-                "judge.history_turns=1"]
+                f"knowing.generation.max_tokens={_REPLY_TOKENS}", "judge.history_turns=1"]
     return [
         ("personas (profiles)", personas("profile")),
         ("personas (personalities)", personas("personality")),

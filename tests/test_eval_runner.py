@@ -309,7 +309,7 @@ def test_cli_eval_of_trainer_checkpoint_on_gcs_and_errors(engine, gcs_emulator, 
     out = tmp_path / "run"
     argv = ["eval", "--model", model, "--simulator", model, "--judge", model, "--out", str(out), "--aloe-data",
             ALOE_DATA, "--cases", "2", "--turns", "2", "--quiet", "model.generation.max_tokens=8",
-            "simulator.generation.max_tokens=8", "bootstrap_resamples=50"]
+            "simulator.generation.max_tokens=8", "knowing.generation.max_tokens=8", "bootstrap_resamples=50"]
     assert main(argv) == 0
     records = _records(out)
     assert sorted((r["case_id"], r["turn"]) for r in records) == [
@@ -355,7 +355,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_records(engine, tmp_
         return [sys.executable, "-m", "aloe_jax.cli", "eval", "--model", model, "--simulator", model, "--judge", model,
                 "--out", str(out), "--aloe-data", ALOE_DATA, "--cases", "2", "--turns", "5", "--quiet",
                 "model.generation.max_tokens=8", "simulator.generation.max_tokens=8",
-                "simulator.generation.temperature=0.8", "bootstrap_resamples=20"]
+                "knowing.generation.max_tokens=8", "simulator.generation.temperature=0.8", "bootstrap_resamples=20"]
 
     subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=600)
     expected = _records(tmp_path / "whole")
