@@ -16,9 +16,8 @@ from aloe_jax.eval.config import EvalConfig
 from aloe_jax.eval.judge import Judge
 from aloe_jax.eval.knowing import Knowing, similarities
 from aloe_jax.eval.runner import RECORDS_FILE, EvalRunner, protocol_card
-from aloe_jax.llm.base import GenerationParams
+from aloe_jax.llm.base import ChatResult, GenerationParams
 from aloe_jax.llm.roles import Role
-from tests.test_trees import Scripted
 
 CASES = [EvalCase("A", 0, 0, "PA", "QA"), EvalCase("B", 1, 1, "PB", "QB")]
 # The fake embedder's vectors (not unit length: the similarity must normalise them).
@@ -42,7 +41,21 @@ class FakeEngine:
                                       completion_tokens=2, cached_tokens=0) for c in conversations]
 
 
-Backend = Scripted  # a ChatBackend from functions of the chat (tests/test_trees.py)
+class Backend:
+    """A ChatBackend from functions of the chat: `reply` for text, `scores` (optional) for option log-probs."""
+
+    def __init__(self, name, reply, scores=None):
+        self.name, self.reply, self.scores, self.seen = f"scripted:{name}", reply, scores, []
+
+    def chat(self, conversations, params):
+        self.seen.extend(conversations)
+        return [ChatResult(self.reply(c), "stop", 5, 3) for c in conversations]
+
+    def score_options(self, conversations, options):
+        if self.scores is None:
+            return None
+        self.seen.extend(conversations)
+        return np.asarray([self.scores(c) for c in conversations], dtype=np.float64)
 
 
 def case_of(chat) -> str:
