@@ -54,7 +54,7 @@ def _tree_features():
     string = datasets.Value("string")
     turn = {"user": string, "preferred": string, "rejected": string, "continued": string,
             "inferred_profile": string, "inferred_personality": string, "judged": datasets.Value("bool"),
-            "judge": string}
+            "judge": string, "candidates": string, "continued_candidate": datasets.Value("int32")}
     return datasets.Features({"id": string, "profile": string, "personality": string, "system": string,
                               "turns": datasets.List(turn), "meta": string})
 

@@ -21,8 +21,26 @@ class JudgeRecord(pydantic.BaseModel):
     agreed: bool | None = None
 
 
+class Candidate(pydantic.BaseModel):
+    """One of the G replies sampled for a turn of an RL rollout, with its reward (None: no usable judge score) and
+    the reward's components (judge, persona, length, ... as configured)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    text: str
+    reward: float | None = None
+    rewards: dict[str, float | None] = pydantic.Field(default_factory=dict)
+    tokens: int | None = None  # completion tokens the policy sampled (the visible text may be shorter)
+    finish: str | None = None  # "stop" | "length"
+    judge: dict | None = None  # the judge's verdict on it
+
+
 class Turn(pydantic.BaseModel):
-    """One turn: the user's message, the two candidate replies, and which one the conversation continued with."""
+    """One turn: the user's message, the two candidate replies, and which one the conversation continued with.
+
+    An RL rollout turn also holds all G scored `candidates` and the index of the one the conversation continued with
+    (`continued_candidate`); its (preferred, rejected) pair is then the continued candidate and the extreme of the
+    others (the worst when the continued one scored at least the group's mean, the best otherwise), so a rollout is
+    DPO data as it stands and every existing tool reads it."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
     user: str
@@ -33,6 +51,19 @@ class Turn(pydantic.BaseModel):
     inferred_personality: str | None = None
     judge: JudgeRecord | None = None
     judged: bool = True  # False when the judge never gave a usable verdict (the pair is then not trained on)
+    candidates: list[Candidate] | None = None  # RL rollouts only: every sampled reply of the turn, scored
+    continued_candidate: int | None = None  # RL rollouts only: index into `candidates` of the continued reply
+
+    @pydantic.model_validator(mode="after")
+    def _candidates_agree(self) -> "Turn":
+        if self.candidates is None:
+            return self
+        if self.continued_candidate is None or not 0 <= self.continued_candidate < len(self.candidates):
+            raise ValueError(f"continued_candidate {self.continued_candidate} is not an index into the "
+                             f"{len(self.candidates)} candidates")
+        if self.candidates[self.continued_candidate].text != self.reply(self.continued):
+            raise ValueError("the continued candidate's text differs from the continued reply")
+        return self
 
     def reply(self, which: Literal["preferred", "rejected"]) -> str:
         return self.preferred if which == "preferred" else self.rejected
@@ -64,6 +95,26 @@ class TreeRecord(pydantic.BaseModel):
         return self.history(len(self.turns) - 1) + [{"role": "assistant", "content": last.reply(last.continued)}]
 
 
+def rollout_turn(user: str, candidates: list[Candidate], continued: int, **fields) -> Turn:
+    """The Turn of an RL rollout: all `candidates`, the conversation continued with `candidates[continued]`, and the
+    (preferred, rejected) pair of the class docstring (`judged` False when the pair has no strict winner)."""
+    others = [c for i, c in enumerate(candidates) if i != continued and c.reward is not None]
+    chosen = candidates[continued]
+    if chosen.reward is None or not others:
+        other = next((c for i, c in enumerate(candidates) if i != continued), chosen)
+        return Turn(user=user, preferred=chosen.text, rejected=other.text, judged=False, candidates=candidates,
+                    continued_candidate=continued, **fields)
+    scored = [c.reward for c in candidates if c.reward is not None]
+    if chosen.reward >= sum(scored) / len(scored):
+        other = min(others, key=lambda c: c.reward)
+        pair = dict(preferred=chosen.text, rejected=other.text, continued="preferred")
+    else:
+        other = max(others, key=lambda c: c.reward)
+        pair = dict(preferred=other.text, rejected=chosen.text, continued="rejected")
+    return Turn(user=user, **pair, judged=other.reward != chosen.reward, candidates=candidates,
+                continued_candidate=continued, **fields)
+
+
 def spine_exchanges(turns: list[Turn]) -> list[Exchange]:
     """(user message, continued reply) of each turn: the conversation as it went on."""
     return [(t.user, t.reply(t.continued)) for t in turns]
@@ -80,10 +131,13 @@ def parse_tree(line: str, where: str = "") -> TreeRecord:
 
 
 def tree_to_row(record: TreeRecord) -> dict:
-    """A flat, Arrow-friendly row of a tree: `judge` of each turn and `meta` as JSON strings (a judge's raw output is
-    a string or a list, which one Arrow column cannot hold)."""
-    turns = [{**t.model_dump(exclude={"judge"}),
-              "judge": None if t.judge is None else t.judge.model_dump_json()} for t in record.turns]
+    """A flat, Arrow-friendly row of a tree: `judge` and `candidates` of each turn and `meta` as JSON strings (a
+    judge's raw output is a string or a list, which one Arrow column cannot hold)."""
+    turns = [{**t.model_dump(exclude={"judge", "candidates"}),
+              "judge": None if t.judge is None else t.judge.model_dump_json(),
+              "candidates": None if t.candidates is None else json.dumps([c.model_dump() for c in t.candidates],
+                                                                         ensure_ascii=False)}
+             for t in record.turns]
     return {"id": record.id, "profile": record.profile, "personality": record.personality, "system": record.system,
             "turns": turns, "meta": json.dumps(record.meta, ensure_ascii=False)}
 
@@ -91,7 +145,9 @@ def tree_to_row(record: TreeRecord) -> dict:
 def row_json(row: dict, where: str = "") -> str:
     """The TreeRecord JSON of a `tree_to_row` row (validated later, by `parse_tree`)."""
     try:
-        turns = [{**t, "judge": None if t.get("judge") is None else json.loads(t["judge"])} for t in row["turns"]]
+        turns = [{**t, "judge": None if t.get("judge") is None else json.loads(t["judge"]),
+                  "candidates": None if t.get("candidates") is None else json.loads(t["candidates"])}
+                 for t in row["turns"]]
         meta = json.loads(row["meta"]) if row.get("meta") else {}
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"malformed tree row{' at ' + where if where else ''}: {type(err).__name__}: {err}") from None

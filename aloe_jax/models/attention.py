@@ -24,7 +24,7 @@ LARGE_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 class TreeMask(NamedTuple):
     """The attention mask of packed rows, given per token (`[B, T]` int32 each) rather than as `[B, T, T]`:
-    `segment` 0 spine, k+1 side branch of turn k, -1 padding; `visible_prefix` how many spine tokens a branch token
+    `segment` 0 spine, n the n-th side branch, -1 padding; `visible_prefix` how many spine tokens a branch token
     sees. Query i sees key j when j ≤ i, key j is real, and j is in i's own segment or in the spine before i's
     branch point (see aloe_jax/train/inputs/packing.py for the layout)."""
 
