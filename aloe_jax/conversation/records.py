@@ -26,7 +26,8 @@ class Candidate(pydantic.BaseModel):
     the reward's components (judge, persona, length, ... as configured)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
-    text: str
+    text: str  # what the policy wrote (and is trained on)
+    visible: str | None = None  # what the user and the judge saw, when it differs (a stripped <persona> block)
     reward: float | None = None
     rewards: dict[str, float | None] = pydantic.Field(default_factory=dict)
     tokens: int | None = None  # completion tokens the policy sampled (the visible text may be shorter)

@@ -12,7 +12,7 @@ from aloe_jax.models.lora import LoraConfig
 from aloe_jax.models.sharding import MeshConfig
 from aloe_jax.train.inputs.pipeline import DataConfig
 
-ObjectiveName = Literal["sft", "dpo"]  # the keys of aloe_jax.train.objectives.OBJECTIVES
+ObjectiveName = Literal["sft", "dpo", "grpo"]  # the keys of aloe_jax.train.objectives.OBJECTIVES
 
 
 class TrainedModel(LocalModel):
@@ -54,6 +54,23 @@ class DPOConfig(StrictModel):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = pydantic.Field(0.0, ge=0, lt=0.5)  # sigmoid only (conservative DPO)
     reference: str | None = None  # model spec of the reference; None = the starting policy (`model.path`)
+
+
+class GRPOConfig(StrictModel):
+    """Group-relative policy optimisation on scored rollout candidates (`aloe-jax rl`).
+
+    grpo: advantages are rewards minus their group's mean over its std (+ 1e-4), the loss a mean over reply tokens;
+    dr_grpo (Liu et al., "Understanding R1-Zero-like training"): no division by the std, and the token losses summed
+    and divided by a constant (replies × `budget_tokens`) instead of the tokens there are, so neither a group's
+    spread nor a reply's length scales its update."""
+
+    variant: Literal["grpo", "dr_grpo"] = "grpo"
+    clip_low: float = pydantic.Field(0.2, ge=0, lt=1)  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = pydantic.Field(0.2, ge=0)  # > clip_low is DAPO's clip-higher
+    kl_coef: float = pydantic.Field(0.04, ge=0)  # k3 KL to the frozen reference; 0 holds no reference
+    reference: str | None = None  # model spec of the reference; None = the starting policy (lora: the base)
+    epochs: int = pydantic.Field(1, gt=0)  # optimizer steps on each rollout batch
+    budget_tokens: int = pydantic.Field(128, gt=0)  # dr_grpo's per-reply normaliser (rl sets it to max_tokens)
 
 
 class CheckpointConfig(StrictModel):
@@ -117,6 +134,7 @@ class TrainConfig(StrictModel):
     data: DataConfig = DataConfig(path="data/trees/trees.jsonl", seq_len=4096)  # what `aloe-jax trees` writes
     optim: OptimConfig = OptimConfig()
     dpo: DPOConfig = DPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval_data: EvalDataConfig = EvalDataConfig()
