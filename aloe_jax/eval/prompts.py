@@ -67,3 +67,36 @@ def judge_messages(case: EvalCase, history: list[Exchange], user: str, reply: st
     content = JUDGE_USER.format(profile=case.profile, personality=case.personality, history=earlier, user=user,
                                 reply=reply)
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+
+
+def _reply_markers() -> tuple[str, str]:
+    """The template text right before `{reply}` (from the previous field on) and the first line of text after it,
+    read from JUDGE_USER so they follow the template."""
+    import string
+
+    parts = list(string.Formatter().parse(JUDGE_USER))  # (literal text, field name, spec, conversion)
+    at = next(i for i, (_, field, _, _) in enumerate(parts) if field == "reply")
+    before = parts[at][0]
+    after = parts[at + 1][0] if at + 1 < len(parts) else ""
+    assert before and after.strip(), "JUDGE_USER needs fixed text on both sides of {reply}"
+    lead = len(after) - len(after.lstrip("\n"))  # the blank lines that end the reply's paragraph
+    line_end = after.find("\n", lead)
+    return before, after if line_end < 0 else after[:line_end + 1]
+
+
+_REPLY_BEFORE, _REPLY_AFTER = _reply_markers()
+
+
+def reply_in_judge_chat(chat: list[dict]) -> str:
+    """The reply a judge chat built by `judge_messages` rates (also after a text retry appended messages, or with its
+    scale rewritten). The reply is read between the last occurrences of the template's fixed text around `{reply}`,
+    so only a reply that itself contains that fixed text is misread. A ValueError when `chat` is no judge chat."""
+    for message in chat:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content", "")
+        end = content.rfind(_REPLY_AFTER)
+        start = content.rfind(_REPLY_BEFORE, 0, end) if end >= 0 else -1
+        if start >= 0:
+            return content[start + len(_REPLY_BEFORE):end]
+    raise ValueError("not a judge chat built by judge_messages: no user message holds the reply to rate")
