@@ -52,11 +52,13 @@ class SessionOptions(StrictModel):
 
 
 class BackendConfig(SessionOptions):
-    """Which backend runs a role: `jax` (in-process model: `model` is a path or preset) or `openai` (any
-    OpenAI-compatible endpoint: `model` is the served model name). `dtype` and the session options
+    """Which backend runs a role: `jax` (in-process model: `model` is a path or preset), `openai` (any
+    OpenAI-compatible endpoint: `model` is the served model name) or `keyword` (a rule-based judge for tests and toy
+    runs, `aloe_jax.rl.rewards.KeywordJudge`: a reply containing the word `model` scores 5, any other 1; give the
+    judge method explicitly, `auto` reads its text). `dtype` and the session options
     (`sessions`, `kv_dtype`, `session_cache_gb`: see SessionOptions) apply to `jax` only."""
 
-    kind: Literal["jax", "openai"] = "jax"
+    kind: Literal["jax", "openai", "keyword"] = "jax"
     model: str = "smollm2-135m"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -69,6 +71,10 @@ class BackendConfig(SessionOptions):
 @functools.lru_cache(maxsize=None)
 def _backend_from_json(config_json: str) -> ChatBackend:
     cfg = BackendConfig.model_validate_json(config_json)
+    if cfg.kind == "keyword":
+        from aloe_jax.rl.rewards import KeywordJudge
+
+        return KeywordJudge(cfg.model)
     if cfg.kind == "openai":
         from aloe_jax.llm.openai_backend import OpenAIBackend
 
