@@ -1,4 +1,4 @@
-"""Per-reply log-probabilities from packed sequences, and the SFT and DPO losses.
+"""Per-reply log-probabilities from packed sequences, and the SFT, DPO and GRPO losses.
 
 Losses return *sums and weights* (not means) so that gradient accumulation over micro-batches normalises once, by
 the total number of target tokens (SFT) or pairs (DPO) in the whole batch.
@@ -10,6 +10,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def reply_sums(values: jax.Array, reply_index: jax.Array, num_replies: int) -> jax.Array:
@@ -61,3 +62,35 @@ def dpo_loss(
         "reward_margin": jnp.sum((chosen_rewards - rejected_rewards) * pair_weight),
     }
     return jnp.sum(losses * pair_weight), jnp.sum(pair_weight), metrics
+
+
+GRPOVariant = Literal["grpo", "dr_grpo"]
+
+
+def group_advantages(rewards, variant: GRPOVariant = "grpo", eps: float = 1e-4) -> np.ndarray:
+    """Advantages of one group of sibling candidates (`[G]` rewards, NaN for an unscored one — it gets NaN back):
+    reward minus the group mean, over the group's std + `eps` for grpo (no division for dr_grpo). A group with fewer
+    than two scored candidates has no baseline and gets NaN throughout (nothing to learn from it)."""
+    rewards = np.asarray(rewards, np.float64)
+    scored = ~np.isnan(rewards)
+    if scored.sum() < 2:
+        return np.full(rewards.shape, np.nan)
+    centred = rewards - rewards[scored].mean()
+    return centred / (rewards[scored].std() + eps) if variant == "grpo" else centred
+
+
+def grpo_token_losses(logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array | None, advantages: jax.Array,
+                      clip_low: float, clip_high: float, kl_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token GRPO loss for arrays of the same shape: the PPO clipped surrogate −min(ρA, clip(ρ, 1−ε_low,
+    1+ε_high)A) with ρ = exp(logp − old logp), plus `kl_coef` × the k3 estimate exp(r) − r − 1 of KL(policy‖ref),
+    r = ref logp − logp (Schulman's unbiased, always-positive estimator). Also per token: the k3 value, whether the
+    clipped term was the one taken, and ρ."""
+    ratio = jnp.exp(logps - old_logps)
+    unclipped, clipped = ratio * advantages, jnp.clip(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    loss = -jnp.minimum(unclipped, clipped)
+    k3 = jnp.zeros_like(logps)
+    if ref_logps is not None:
+        log_ratio = ref_logps - logps
+        k3 = jnp.exp(log_ratio) - log_ratio - 1
+        loss = loss + kl_coef * k3
+    return loss, {"kl": k3, "clipped": (clipped < unclipped).astype(jnp.float32), "ratio": ratio}

@@ -21,7 +21,7 @@ from aloe_jax.models import lora
 from aloe_jax.models.attention import TreeMask
 from aloe_jax.models.config import ModelConfig
 from aloe_jax.train import losses
-from aloe_jax.train.config import DPOConfig, TrainConfig
+from aloe_jax.train.config import DPOConfig, GRPOConfig, TrainConfig
 
 # The fields of a collated batch (aloe_jax/train/inputs/batch.py) that one forward pass over packed rows reads.
 FORWARD_FIELDS = ("tokens", "positions", "segment", "visible_prefix", "labels")
@@ -160,8 +160,76 @@ class DPO(Objective):
         return loss, {"weight": weight, **metrics}
 
 
+def per_token(values: jax.Array, reply_index: jax.Array) -> jax.Array:
+    """`[rows, seq]` value of each token's reply from `[rows, replies]` per-reply values (0 off replies)."""
+    return jnp.take_along_axis(values, jnp.maximum(reply_index, 0), axis=1) * (reply_index >= 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPO(Objective):
+    """Group-relative policy optimisation on tree-packed RL rollouts (aloe_jax/rl): every sampled candidate reply of
+    a rollout tree is a reply of one packed row, with its group-normalised advantage (`reply_advantage`, computed on
+    the host by `losses.group_advantages` over its G siblings) and `reply_weight` 0 for one without a score. The
+    clipped ratio is against `old_logprobs`: the policy's label log-probs at rollout time, computed by the trainer's
+    forward on the same packed rows before the first update of the batch (so the ratio is exactly 1 then, and no
+    sampler-vs-trainer numerics enter it). The KL to the frozen reference (k3) is computed per micro-batch, as DPO's
+    reference log-probs are.
+
+    The loss weight is the number of weighted reply tokens (grpo: a token mean) or replies × `budget_tokens`
+    (dr_grpo); `reply_tokens` is summed beside the metrics so that token means of kl, clip fraction, ratio and the
+    sampled-token entropy estimate (−old logp) are metric / reply_tokens for either variant."""
+
+    config: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    reference_is_base: bool = False
+    name: ClassVar[str] = "grpo"
+    batch_fields: ClassVar[tuple[str, ...]] = (*FORWARD_FIELDS, "reply_index", "reply_advantage", "reply_weight",
+                                               "old_logprobs")
+    rejected_branches: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "GRPO":
+        return cls(cfg.grpo, reference_is_base=cfg.lora is not None and cfg.grpo.reference is None)
+
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return self.config.kl_coef > 0
+
+    @property
+    def forward_passes(self) -> int:  # type: ignore[override]
+        return 4 if self.needs_reference else 3
+
+    @property
+    def reference_model(self) -> str | None:
+        return self.config.reference
+
+    @property
+    def holds_reference(self) -> bool:
+        return self.needs_reference and not self.reference_is_base
+
+    def loss_sums(self, graphdef, params, ref_params, batch, dropout_key=None):
+        grpo = self.config
+        logps = batch_label_logprobs(graphdef, params, batch, dropout_key)
+        ref_logps = None
+        if self.needs_reference:
+            if self.reference_is_base:
+                ref_params = lora.adapter_off(params)
+            ref_logps = jax.lax.stop_gradient(batch_label_logprobs(graphdef, ref_params, batch))
+        old = jax.lax.stop_gradient(batch["old_logprobs"])
+        reply_index = batch["reply_index"]
+        weight = per_token(batch["reply_weight"], reply_index)  # [rows, seq]: 1 on a scored reply's tokens
+        advantage = per_token(batch["reply_advantage"], reply_index)
+        token_loss, parts = losses.grpo_token_losses(logps, old, ref_logps, advantage, grpo.clip_low,
+                                                     grpo.clip_high, grpo.kl_coef)
+        reply_tokens = jnp.sum(weight)
+        normaliser = reply_tokens if grpo.variant == "grpo" else jnp.sum(batch["reply_weight"]) * grpo.budget_tokens
+        weighted = lambda x: jnp.sum(x * weight)  # noqa: E731
+        return weighted(token_loss), {"weight": normaliser, "reply_tokens": reply_tokens,
+                                      "kl": weighted(parts["kl"]), "clip_fraction": weighted(parts["clipped"]),
+                                      "ratio": weighted(parts["ratio"]), "entropy": weighted(-old)}
+
+
 # Name → objective: the one place an objective's name is looked up (a new objective is one class and one entry).
-OBJECTIVES: dict[str, type[Objective]] = {objective.name: objective for objective in (SFT, DPO)}
+OBJECTIVES: dict[str, type[Objective]] = {objective.name: objective for objective in (SFT, DPO, GRPO)}
 
 
 def objective_of(cfg: TrainConfig) -> Objective:

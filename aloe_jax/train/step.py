@@ -165,6 +165,19 @@ def make_loss_sums_fn(ctx: StepContext) -> Callable:
     return loss_sums_fn
 
 
+def make_label_logprobs_fn(ctx: StepContext) -> Callable:
+    """`label_logprobs_fn(params, batch) -> [rows, seq]` float32 label log-probs of a global batch (no gradients),
+    computed micro-batch by micro-batch as training is (so it fits wherever a step does)."""
+    from aloe_jax.train.objectives import batch_label_logprobs
+
+    def label_logprobs_fn(params: nnx.State, batch: dict) -> jax.Array:
+        micro = _split_micro_batches(batch, ctx.micro_batches, ctx.mesh)
+        out = jax.lax.map(lambda b: batch_label_logprobs(ctx.graphdef, params, b), micro)  # [micro, rows/m, seq]
+        return out.swapaxes(0, 1).reshape(-1, out.shape[-1])  # back to row order (the split was strided)
+
+    return label_logprobs_fn
+
+
 def make_train_step(ctx: StepContext, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
     """`step(state, batch, ref_params) -> (state, metrics)`, not yet jit-compiled (see `compile_train_step`)."""
     grad_fn = make_grad_fn(ctx)

@@ -22,8 +22,9 @@ from aloe_jax.train.config import TrainConfig
 from aloe_jax.train.hooks import Hook
 from aloe_jax.train.inputs.pipeline import global_batch
 from aloe_jax.train.objectives import objective_of
-from aloe_jax.train.step import (StepContext, TrainState, compile_train_step, init_state, make_loss_sums_fn,
-                                 make_train_step, split_trainable, train_state_shardings)
+from aloe_jax.train.objectives import FORWARD_FIELDS
+from aloe_jax.train.step import (StepContext, TrainState, compile_train_step, init_state, make_label_logprobs_fn,
+                                 make_loss_sums_fn, make_train_step, split_trainable, train_state_shardings)
 
 
 class Trainer:
@@ -65,6 +66,8 @@ class Trainer:
         context = StepContext(self.graphdef, self.objective, cfg.micro_batches, mesh, self.trainable, dropout)
         self._step_fn = make_train_step(context, self.tx, self.schedule)
         self._loss_sums = jax.jit(make_loss_sums_fn(context), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._label_logprobs = jax.jit(make_label_logprobs_fn(context),
+                                       out_shardings=sharding.batch_sharding(mesh, 2))
         self._compiled = None
 
     def init_state(self) -> TrainState:
@@ -93,6 +96,11 @@ class Trainer:
         """The objective's loss and metric sums (see `step.batch_means`) of a global batch under `params`, without
         gradients."""
         return self._loss_sums(params, self.ref_params, batch)
+
+    def label_logprobs(self, params: nnx.State, batch: dict) -> jax.Array:
+        """`[rows, seq]` label log-probs of a global batch under `params` (GRPO's rollout-time log-probs), split
+        over the mesh as the batch is."""
+        return self._label_logprobs(params, {name: batch[name] for name in FORWARD_FIELDS})
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer step on a global batch (jax.Arrays over the mesh); `state` is donated."""

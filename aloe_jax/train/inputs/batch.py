@@ -8,6 +8,11 @@ Every batch is a dict of numpy arrays with a static shape, so the jit'd step com
     pair_chosen, pair_rejected                                          int32   [rows, max_pairs] reply indices
     pair_weight                                                         float32 [rows, max_pairs] 1 for a real pair
 
+RL rollout rows (`collate_rollouts`) carry, instead of the pair fields,
+
+    reply_advantage, reply_weight                                       float32 [rows, max_replies] per reply: its
+                                                                                 advantage, 1 when it has one
+
 Reply indices are per row and < 2·max_pairs, so `losses.reply_sums(..., num_replies=2 * max_pairs)` followed by a
 gather with `pair_chosen` / `pair_rejected` yields per-pair log-probs. Padding rows (a short last batch) and padding
 tokens have segment -1 and zero weights: they cost compute and change no number.
@@ -58,4 +63,31 @@ def collate(trees: Sequence[PackedTree | None], rows: int, seq_len: int, max_pai
             batch["pair_rejected"][row, p] = rejected
             if tree.judged[turn]:
                 batch["pair_weight"][row, p] = 1.0
+    return batch
+
+
+def collate_rollouts(trees: Sequence[PackedTree | None], advantages: Sequence[Sequence[float]], rows: int,
+                     seq_len: int, max_replies: int, pad_id: int = 0) -> dict:
+    """A batch of `rows` rows from packed rollout trees (`packing.pack_rollout`) and each tree's per-reply
+    advantages (`advantages[i][r]` for reply r of tree i; NaN = no advantage, weight 0)."""
+    batch = collate([], rows, seq_len, 0, pad_id)
+    del batch["sft_weight"], batch["pair_chosen"], batch["pair_rejected"], batch["pair_weight"]
+    batch["reply_advantage"] = np.zeros((rows, max_replies), np.float32)
+    batch["reply_weight"] = np.zeros((rows, max_replies), np.float32)
+    if len(trees) > rows:
+        raise ValueError(f"{len(trees)} trees do not fit in {rows} rows")
+    for row, (tree, values) in enumerate(zip(trees, advantages)):
+        if tree is None:
+            continue
+        n = len(tree)
+        if n > seq_len:
+            raise DataError(f"a packed tree of {n} tokens does not fit seq_len={seq_len}")
+        if len(tree.replies) > max_replies:
+            raise DataError(f"a packed rollout with {len(tree.replies)} replies exceeds max_replies={max_replies}")
+        for name in TOKEN_FIELDS:
+            batch[name][row, :n] = getattr(tree, name)
+        values = np.asarray(values, np.float64)[:len(tree.replies)]
+        known = ~np.isnan(values)
+        batch["reply_advantage"][row, :len(values)] = np.where(known, values, 0.0)
+        batch["reply_weight"][row, :len(values)] = known
     return batch
