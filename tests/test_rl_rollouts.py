@@ -16,7 +16,8 @@ from aloe_jax.llm.base import ChatResult
 from aloe_jax.llm.jax_backend import JaxBackend
 from aloe_jax.llm.roles import BackendConfig, Role, make_backend
 from aloe_jax.rl.config import RewardConfig, RLConfig
-from aloe_jax.rl.rewards import KeywordJudge, Rewards, strip_persona_tag
+from aloe_jax.rl.rewards import KeywordJudge, Rewards, rl_backend, strip_persona_tag
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.rl.rollouts import (TREES_FILE, RolloutCase, RolloutScript, draw_cases, rollout_trees, run_rollouts,
                                   select)
 
@@ -86,8 +87,10 @@ def test_keyword_judge_scores_the_reply_only():
         if method == "logprobs":
             assert verdicts[0].expected_score == pytest.approx(5, abs=1e-4)
             assert verdicts[1].expected_score == pytest.approx(1, abs=1e-4)
-    built = make_backend(BackendConfig(kind="keyword", model="tea"))
+    built = rl_backend(BackendConfig(kind="keyword", model="tea"))
     assert isinstance(built, KeywordJudge) and built.word == "tea"
+    with pytest.raises(ConfigError, match="aloe-jax rl"):  # the llm layer cannot build it (it reads RL prompts)
+        make_backend(BackendConfig(kind="keyword", model="tea"))
 
 
 # ------------------------------------------------------------------------------------------------------------ rewards

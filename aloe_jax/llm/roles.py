@@ -11,6 +11,7 @@ import numpy as np
 import pydantic
 
 from aloe_jax.core.config import StrictModel
+from aloe_jax.core.errors import ConfigError
 from aloe_jax.llm.base import ChatBackend, ChatResult, Conversation, GenerationParams
 from aloe_jax.llm.cache import CallCache, cache_key
 from aloe_jax.llm.usage import UsageMeter
@@ -72,9 +73,9 @@ class BackendConfig(SessionOptions):
 def _backend_from_json(config_json: str) -> ChatBackend:
     cfg = BackendConfig.model_validate_json(config_json)
     if cfg.kind == "keyword":
-        from aloe_jax.rl.rewards import KeywordJudge
-
-        return KeywordJudge(cfg.model)
+        # The rule-based judge reads the reply out of the RL judge's prompt, a layer above this one: `aloe-jax rl`
+        # builds it (aloe_jax/rl/loop.py); anywhere else the kind is a mistake.
+        raise ConfigError("backend kind 'keyword' (the rule-based reward) is for `aloe-jax rl`'s judge only")
     if cfg.kind == "openai":
         from aloe_jax.llm.openai_backend import OpenAIBackend
 

@@ -29,8 +29,8 @@ from aloe_jax.conversation.records import Candidate
 from aloe_jax.eval import prompts
 from aloe_jax.eval.judge import Judge, Verdict
 from aloe_jax.eval.knowing import Embed, similarities
-from aloe_jax.llm.base import ChatResult, Conversation, GenerationParams
-from aloe_jax.llm.roles import Role
+from aloe_jax.llm.base import ChatBackend, ChatResult, Conversation, GenerationParams
+from aloe_jax.llm.roles import BackendConfig, Role, make_backend
 from aloe_jax.rl.config import RewardConfig
 
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
@@ -160,3 +160,9 @@ class KeywordJudge:
                 row[:] = math.log(self._REST)
                 row[list(options).index(answer)] = math.log1p(-self._REST * (len(options) - 1))
         return rows
+
+
+def rl_backend(cfg: BackendConfig) -> ChatBackend:
+    """The backend a role of `aloe-jax rl` names: the rule-based KeywordJudge for kind `keyword` (its `model` is the
+    word), otherwise what `make_backend` builds."""
+    return KeywordJudge(cfg.model) if cfg.kind == "keyword" else make_backend(cfg)
