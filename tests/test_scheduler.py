@@ -14,6 +14,7 @@ from aloe_jax.serving.scheduler import ContinuousScheduler, Finished, Request, T
 from tests import tiny_models
 
 STOP = 7
+# Every test but the one-slot one runs 4 slots of 240 tokens: compiled programs of the same shapes serve them all.
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _alone(model, request: Request, stop_ids=(STOP,)):
 
 
 def test_mixed_requests_each_decode_as_if_served_alone(model):
-    scheduler = ContinuousScheduler(model, [STOP], context_length=120, max_batch=4, decode_chunk=4)
+    scheduler = ContinuousScheduler(model, [STOP], context_length=240, max_batch=4, decode_chunk=4)
     rng = np.random.RandomState(1)
     requests = []
     for i in range(10):
@@ -120,7 +121,7 @@ def test_cancelling_frees_the_slot_for_the_next_request(model):
 
 
 def test_the_next_turn_reuses_its_row_and_decodes_as_a_cold_server(model):
-    scheduler = ContinuousScheduler(model, [STOP], context_length=200, max_batch=2, decode_chunk=4)
+    scheduler = ContinuousScheduler(model, [STOP], context_length=240, max_batch=4, decode_chunk=4)
     params = SamplingParams(max_new_tokens=12)
     prompt = tuple(np.random.RandomState(3).randint(8, 160, 30).tolist())
     first = Collected()
