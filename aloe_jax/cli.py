@@ -15,6 +15,7 @@ from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, 
 from aloe_jax.core.config import StrictModel
 from aloe_jax.core.errors import AloeError, ConfigError
 from aloe_jax.eval import cli as eval_cli
+from aloe_jax.rl import cli as rl_cli
 from aloe_jax.train import cli as train_cli
 from aloe_jax.llm.base import GenerationParams
 from aloe_jax.llm.roles import LocalModel
@@ -24,7 +25,7 @@ EXIT_USER_ERROR = 2
 
 # Modules that add their own subcommands: each defines `register(commands)` taking the argparse sub-parsers object
 # and setting `run=<function(args)>` on every parser it adds. Imports inside them stay lazy (no jax at parse time).
-COMMAND_MODULES = (datagen_cli, eval_cli, train_cli, quickstart, aot_cli)
+COMMAND_MODULES = (datagen_cli, eval_cli, train_cli, rl_cli, quickstart, aot_cli)
 
 
 class ChatModel(LocalModel):

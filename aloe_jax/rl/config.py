@@ -12,7 +12,6 @@ from aloe_jax.core.config import StrictModel
 from aloe_jax.eval.config import JudgeConfig, KnowingConfig, SimulatorConfig
 from aloe_jax.llm.base import GenerationParams
 from aloe_jax.train.config import TrainConfig
-from aloe_jax.train.inputs.pipeline import DataConfig
 
 
 class RolloutConfig(StrictModel):
@@ -47,6 +46,12 @@ class RewardConfig(StrictModel):
     persona_tag: str = "persona"
 
 
+class PackedRows(StrictModel):
+    """The update batch's rows: one packed rollout tree each (the data are the rollouts, so there is no path)."""
+
+    seq_len: int = pydantic.Field(4096, gt=0)  # the spine plus G − 1 branches per turn, cut at turns to fit
+
+
 class RLConfig(TrainConfig):
     """One RL run: `iterations` × (rollouts → `grpo.epochs` optimizer steps on them)."""
 
@@ -54,7 +59,7 @@ class RLConfig(TrainConfig):
     output_dir: str = "runs/rl-smollm2"
     iterations: int = pydantic.Field(20, gt=0)
     batch_size: int = pydantic.Field(0, ge=0)  # rows per step: always rollout.cases (0 = filled in)
-    data: DataConfig = DataConfig(path="(rollouts)", seq_len=4096)  # only seq_len is read: the packed row length
+    data: PackedRows = PackedRows()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     simulator: SimulatorConfig = SimulatorConfig()
