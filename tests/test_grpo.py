@@ -163,3 +163,40 @@ def test_group_advantages():
     assert np.isnan(group_advantages([1, 3, np.nan])[2])
     assert np.isnan(group_advantages([2, np.nan])).all()  # one scored candidate: no baseline, nothing to learn
     np.testing.assert_allclose(group_advantages([4, 4, 4]), [0, 0, 0])
+
+
+def _grpo_losses(tokenizer, mesh_shape, tmp_path, steps=5):
+    from aloe_jax.train.trainer import Trainer
+    from tests.test_trainer import train_config
+
+    mesh = mesh_of(*mesh_shape)
+    cfg = train_config(tmp_path, objective="grpo")
+    cfg.grpo.kl_coef = 0.04
+    trainer = Trainer(cfg, tiny_model(mesh), mesh, total_steps=steps)
+    state = trainer.init_state()
+    host_batches = []
+    for b in range(3):
+        trees = [rollout_tree(10 * b + i) for i in range(8)]
+        packed = [pack_rollout(tokenizer, tree, SEQ) for tree in trees]
+        adv = [[group_advantages([np.nan if c.reward is None else c.reward
+                                  for c in tree.turns[turn].candidates])[cand] for turn, cand in p.replies]
+               for tree, p in zip(trees, packed)]
+        batch = collate_rollouts(packed, adv, 8, SEQ, G * K)
+        batch["tokens"] %= VOCAB
+        batch["labels"] %= VOCAB
+        host_batches.append(batch)
+    out = []
+    for i in range(steps):
+        batch = global_batch({k: v for k, v in host_batches[i % 3].items()}, mesh)
+        batch["old_logprobs"] = trainer.label_logprobs(state.params, batch)  # on-policy: ρ = 1 at each step
+        state, metrics = trainer.step(state, batch)
+        out.append(float(metrics["loss"]))
+    return out
+
+
+def test_grpo_loss_trajectory_agrees_across_meshes(smollm2_tokenizer, tmp_path):
+    reference = _grpo_losses(smollm2_tokenizer, (1, 1, 1), tmp_path)
+    assert len(set(reference)) == 5  # the policy moves, so every step's loss differs
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        np.testing.assert_allclose(_grpo_losses(smollm2_tokenizer, shape, tmp_path), reference, rtol=2e-5,
+                                   atol=1e-6, err_msg=str(shape))
