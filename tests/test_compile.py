@@ -65,6 +65,21 @@ def test_train_steps_of_a_slice_config_compile_and_fit(capsys, tiny_model, objec
     assert report["config"] == run and "config.json of" in report["model"]
 
 
+def test_the_grpo_step_of_an_rl_run_config_compiles_and_fits(capsys, tiny_model):
+    # The RL run on v5p-8 (fsdp 4; 16 packed rollout rows of G=4 x K=5 replies, 4 rows per pass) on a tiny model:
+    # the batch holds GRPO's fields (per-reply advantages and weights [16, 20], rollout-time log-probs [16, 128]).
+    run = "configs/runs/llama3-8b-rl-v5p-8.yaml"
+    code, [report] = compile_json(capsys, "--config", run, "--topology", "v5p-8", f"model.path={tiny_model}",
+                                  "data.seq_len=128")
+    assert code == 0
+    assert report["program"] == "grpo_step" and (report["chips"], report["hosts"]) == (4, 1)
+    assert report["fits"] and 0 < report["peak_gib"] < report["hbm_gib"]
+    assert report["alias_gib"] > 0 and report["flops_per_chip"] > 0 and report["model_flops_per_chip"] > 0
+    assert report["tokens_per_chip"] == 16 * 128 / 4
+    assert report["shapes"].startswith("batch 16 x 128 tokens (packed rollouts of G=4 x K=5 replies), "
+                                       "micro_batches 4, mesh data=1 fsdp=4 tensor=1")
+
+
 def test_a_run_config_on_gcs_compiles_with_the_preset_its_model_names(capsys):
     code, out, _ = run_compile(capsys, "--config", "configs/runs/llama3-8b-sft-v5p-8.yaml", "--topology", "v5p-8",
                                *TINY_ARCH, "data.seq_len=128")

@@ -17,19 +17,23 @@ COMPILE_ALIASES = (Alias("--model", "model.path", "model whose architecture is c
 
 
 def load_run_config(config: str, overrides: list[str]):
-    """The TrainConfig or EvalConfig in a YAML file or packaged config (with `base:` and key=value overrides), told
-    apart by its keys."""
+    """The TrainConfig, RLConfig or EvalConfig in a YAML file or packaged config (with `base:` and key=value
+    overrides), told apart by its keys (an RL config: objective grpo or a rollout section)."""
     from aloe_jax.core.config import apply_overrides, build_config, read_yaml
     from aloe_jax.eval.config import EvalConfig
+    from aloe_jax.rl.config import RLConfig
     from aloe_jax.train.config import TrainConfig
 
     data = apply_overrides(read_yaml(config), overrides)
+    if data.get("objective") == "grpo" or "rollout" in data:
+        return build_config(RLConfig, data, source=repr(config))
     if "objective" in data or "data" in data:
         return build_config(TrainConfig, data, source=repr(config))
     if any(key in data for key in _EVAL_KEYS):
         return build_config(EvalConfig, data, source=repr(config))
-    raise ConfigError(f"config {config!r} is neither a train config (objective, data, ...: configs/sft.yaml) nor an "
-                      f"eval config ({', '.join(_EVAL_KEYS)}, ...: configs/eval.yaml)")
+    raise ConfigError(f"config {config!r} is neither a train config (objective, data, ...: configs/sft.yaml), an RL "
+                      f"config (objective grpo, rollout, ...: configs/rl.yaml) nor an eval config "
+                      f"({', '.join(_EVAL_KEYS)}, ...: configs/eval.yaml)")
 
 
 def _compile_only_on_tpu() -> None:
@@ -84,7 +88,8 @@ def register(commands) -> None:
     """Add the `compile` subcommand."""
     parser = commands.add_parser(
         "compile", help="compile a run's programs for a TPU slice without a TPU: memory per chip, FLOPs, roofline",
-        description="Compile the programs a config runs (train config: its SFT/DPO step; eval config: the model "
+        description="Compile the programs a config runs (train config: its SFT/DPO step; RL config: its GRPO step "
+                    "on the packed rollout rows; eval config: the model "
                     "under test's generation) for a TPU slice with libtpu's compiler, on this machine, from shapes "
                     "alone (no weights read). Per program: bytes per chip against HBM, FLOPs, compile time and a "
                     "roofline ceiling on tokens/s and MFU. Exit 0 when all fit, 1 when one does not.",

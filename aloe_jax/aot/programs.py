@@ -3,6 +3,9 @@ ShapeDtypeStruct with the sharding the run gives it on the slice's mesh.
 
 - A train config (configs/sft.yaml, configs/runs/*.yaml): the SFT or DPO optimizer step exactly as the Trainer wires
   it (its model, runtime options, dtypes, mesh, batch, micro-batches; DPO with the frozen reference as an argument).
+- An RL config (configs/rl.yaml, configs/runs/*-rl-*.yaml): the GRPO optimizer step on the packed rollout rows
+  (rows = rollout.cases, G × K replies per row, the rollout-time log-probs as an input; the frozen reference as an
+  argument when kl_coef > 0). The rollouts' sampling and the rollout-time forward are not compiled.
 - An eval config (configs/eval.yaml): the model under test's generation program at the evaluation's largest shape.
   The sampler runs prefill and decode loop as one program, so that is what is compiled: rows = cases, prompt = the
   last turn's upper bound (see `longest_eval_prompt`), decode steps = the model's max_tokens, each bucketed as the
@@ -36,7 +39,7 @@ from aloe_jax.train.objectives import forward_flops_per_token
 class Program:
     """One program of a run, ready to lower, with what the model's arithmetic says about one execution of it."""
 
-    name: str  # "sft_step", "dpo_step", "generate"
+    name: str  # "sft_step", "dpo_step", "grpo_step", "generate"
     shapes: str  # what one execution processes, in words
     lower: Callable[[], jax.stages.Lowered]
     model_flops: float  # analytic FLOPs of one execution, all chips (matmuls + attention; no recomputation)
@@ -118,9 +121,24 @@ def slice_mesh(mesh_cfg: sharding.MeshConfig, devices: list) -> Mesh:
     return jax.make_mesh(mesh_cfg.shape(len(devices)), sharding.MESH_AXES, axis_types=auto, devices=devices)
 
 
+def host_batch_layout(cfg: TrainConfig, objective: str) -> dict:
+    """A host batch of the run's shapes, all padding: SFT/DPO's packed trees (`collate`), or for GRPO (an RL config)
+    the packed rollout rows of `loop.rollout_batch` — rows = rollout.cases, replies per row = G × K
+    (`reply_advantage`, `reply_weight`) — plus the rollout-time label log-probs `[rows, seq]` the trainer adds."""
+    import numpy as np
+
+    from aloe_jax.train.inputs.batch import collate, collate_rollouts
+
+    if objective == "grpo":
+        max_replies = cfg.rollout.group_size * cfg.rollout.turns
+        host = collate_rollouts([], [], cfg.batch_size, cfg.data.seq_len, max_replies)
+        host["old_logprobs"] = np.zeros((cfg.batch_size, cfg.data.seq_len), np.float32)
+        return host
+    return collate([], cfg.batch_size, cfg.data.seq_len, cfg.data.max_pairs)
+
+
 def train_program(cfg: TrainConfig, model_cfg: ModelConfig, devices: list) -> Program:
-    """The SFT or DPO optimizer step of a train config, as the Trainer compiles it."""
-    from aloe_jax.train.inputs.batch import collate
+    """The SFT, DPO or GRPO optimizer step of a train or RL config, as the Trainer compiles it."""
     from aloe_jax.train.step import batch_shardings
     from aloe_jax.train.trainer import Trainer, runtime_options
 
@@ -130,14 +148,17 @@ def train_program(cfg: TrainConfig, model_cfg: ModelConfig, devices: list) -> Pr
     # an objective without one ignores it.
     trainer = Trainer(cfg, model, mesh, cfg.max_steps or 1, ref_model=model)
     objective = trainer.objective
-    host = collate([], cfg.batch_size, cfg.data.seq_len, cfg.data.max_pairs)  # the batch layout, all padding
+    host = host_batch_layout(cfg, objective.name)
     host = {name: host[name] for name in objective.batch_fields}
     placed = batch_shardings(host, mesh)
     batch = {name: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed[name]) for name, a in host.items()}
     tokens = cfg.batch_size * cfg.data.seq_len
     return Program(
         name=f"{objective.name}_step",
-        shapes=(f"batch {cfg.batch_size} x {cfg.data.seq_len} tokens, micro_batches {cfg.micro_batches}, "
+        shapes=(f"batch {cfg.batch_size} x {cfg.data.seq_len} tokens"
+                + (f" (packed rollouts of G={cfg.rollout.group_size} x K={cfg.rollout.turns} replies)"
+                   if objective.name == "grpo" else "")
+                + f", micro_batches {cfg.micro_batches}, "
                 f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}, "
                 f"{cfg.model.param_dtype} params, {cfg.model.dtype} compute, "
                 + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.options).items())),
