@@ -56,7 +56,9 @@ class RLConfig(TrainConfig):
     """One RL run: `iterations` × (rollouts → `grpo.epochs` optimizer steps on them)."""
 
     objective: Literal["grpo"] = "grpo"
-    output_dir: str = "runs/rl-smollm2"
+    output_dir: str = "runs/rl-smollm2"  # local or gs://: checkpoints, the model's config + tokenizer, logs
+    # Local folder of the rollouts and the call cache; None: output_dir when local, else a folder of the local cache.
+    rollout_dir: str | None = None
     iterations: int = pydantic.Field(20, gt=0)
     batch_size: int = pydantic.Field(0, ge=0)  # rows per step: always rollout.cases (0 = filled in)
     data: PackedRows = PackedRows()

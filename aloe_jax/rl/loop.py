@@ -42,9 +42,24 @@ CALLS_FILE = "calls.sqlite"
 TOKEN_MEAN_METRICS = ("kl", "clip_fraction", "ratio", "entropy")
 
 
-def iteration_folder(output_dir: str, iteration: int) -> str:
-    """Where iteration `iteration`'s rollout records and trees live."""
-    return os.path.join(output_dir, ROLLOUTS_DIR, f"iter_{iteration:05d}")
+def local_dir(cfg: RLConfig) -> str:
+    """The local folder of a run's rollouts and call cache: `rollout_dir` when set, else the run folder itself
+    when it is local, else a folder of this machine's cache named after the gs:// run folder (the rollouts append
+    to their records as they go, which needs a local disk; checkpoints, metrics and the model files go to gs://)."""
+    import hashlib
+
+    from aloe_jax.core import storage
+
+    if cfg.rollout_dir:
+        return cfg.rollout_dir
+    if not storage.is_gcs(cfg.output_dir):
+        return cfg.output_dir
+    return str(storage.cache_dir() / "runs" / hashlib.sha256(cfg.output_dir.encode()).hexdigest()[:16])
+
+
+def iteration_folder(root: str, iteration: int) -> str:
+    """Where iteration `iteration`'s rollout records and trees live under a run's `local_dir`."""
+    return os.path.join(root, ROLLOUTS_DIR, f"iter_{iteration:05d}")
 
 
 @dataclasses.dataclass
@@ -194,8 +209,8 @@ class Roles:
         from aloe_jax.rl.rewards import Rewards, rl_backend
 
         backends = backends or {}
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        cache = CallCache(os.path.join(cfg.output_dir, CALLS_FILE)) if cfg.cache_calls else None
+        os.makedirs(local_dir(cfg), exist_ok=True)
+        cache = CallCache(os.path.join(local_dir(cfg), CALLS_FILE)) if cfg.cache_calls else None
         backend = lambda name, c: backends.get(name) or rl_backend(c)  # noqa: E731
         self.policy = Role("policy", JaxBackend(engine=engine, name="policy"), None)
         self.simulator = Role("simulator", backend("simulator", cfg.simulator.backend), cache)
@@ -236,9 +251,9 @@ def run(cfg: RLConfig, backends: dict[str, ChatBackend] | None = None, show_prog
 
     from aloe_jax.core import storage
 
-    if storage.is_gcs(cfg.output_dir):
-        raise ConfigError(f"output_dir {cfg.output_dir!r}: rollouts append to their records as they go, which needs "
-                          f"a local folder; copy the run folder to gs:// afterwards")
+    if cfg.rollout_dir and storage.is_gcs(cfg.rollout_dir):
+        raise ConfigError(f"rollout_dir {cfg.rollout_dir!r}: rollouts append to their records as they go, which "
+                          f"needs a local folder")
     _check_resume_layout(cfg)
     if cfg.log.wandb:
         import_wandb()
@@ -287,7 +302,7 @@ def run(cfg: RLConfig, backends: dict[str, ChatBackend] | None = None, show_prog
             if cfg.rollout.sessions:
                 engine.sessions = SessionCache(model, engine.sampler.stop_ids, None, 8 * 2**30, mesh)
             cases = draw_cases(profiles, personalities, cfg.rollout.cases, cfg.seed, iteration)
-            folder = iteration_folder(cfg.output_dir, iteration)
+            folder = iteration_folder(local_dir(cfg), iteration)
             began = time.perf_counter()
             script = RolloutScript(cfg, iteration, roles.policy, roles.simulator, roles.rewards, roles.guard)
             if os.environ.get("ALOE_JAX_FAULT"):
