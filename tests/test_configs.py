@@ -1,7 +1,8 @@
 """Every YAML under configs/ loads into its config class, alone or composed; the package ships every one of them by
-name; the real-run configs are `base: [objective, model, hardware]` and fit the slice they name (the mesh uses exactly
-its devices, the batch divides over it, the sharded training state fits in device memory, paths are well-formed gs://
-URLs, all runs share the paper's optimisation settings). Then the loading machinery itself: list-`base:` order, cycles,
+name; the real-run configs are `base: [objective, model, hardware]` (RL runs `[rl, model]`, restating the hardware
+layer) and fit the slice they name (the mesh uses exactly its devices, the batch divides over it, the sharded
+training state fits in device memory, paths are well-formed gs:// URLs, all SFT/DPO runs share the paper's
+optimisation settings, RL rows fit G × K replies). Then the loading machinery itself: list-`base:` order, cycles,
 errors that name the override or the file and suggest the closest key, YAML errors with their line and column."""
 
 import functools
@@ -20,6 +21,7 @@ from aloe_jax.eval.config import EvalConfig
 from aloe_jax.models.presets import preset_config
 from aloe_jax.models.sharding import MESH_AXES, MeshConfig, partition_spec
 from aloe_jax.models.weights import abstract_model
+from aloe_jax.rl.config import RLConfig
 from aloe_jax.train.config import TrainConfig
 from data_pipeline.config import DatagenConfig
 
@@ -34,13 +36,18 @@ SLICES = {"v5p-8": (4, 95), "v5p-64": (32, 95), "gpu8": (8, 80)}
 RUN_MODELS = {"llama3-8b": ("llama3-8b", "Meta-Llama-3-8B-Instruct"), "qwen2-7b": ("qwen2-7b", "Qwen2-7B-Instruct"),
               "mistral-7b": ("mistral-7b-v0.3", "Mistral-7B-Instruct-v0.3"),
               "olmo-7b": ("olmo-7b-0724", "OLMo-7B-0724-Instruct-hf")}
-RUN_NAME = re.compile(r"runs/(?P<model>[a-z0-9]+-\d+b)-(?P<task>sft|dpo)-(?P<slice>v5p-8|v5p-64|gpu8)\.yaml")
+RUN_NAME = re.compile(r"runs/(?P<model>[a-z0-9]+-\d+b)-(?P<task>sft|dpo|rl)-(?P<slice>v5p-8|v5p-64|gpu8)\.yaml")
+# Online RL (`aloe-jax rl`) runs exist for one model on the single-host slices.
+RL_RUNS = {"runs/llama3-8b-rl-v5p-8.yaml", "runs/llama3-8b-rl-gpu8.yaml"}
+OBJECTIVE_OF_TASK = {"sft": "sft", "dpo": "dpo", "rl": "grpo"}
 # A bucket name (lowercase letters, digits, - _ .; 3-63 chars, alphanumeric at both ends) and an optional object path.
 GCS_URL = re.compile(r"gs://[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9](/[^/\s]+)*/?")
 
 
 def config_class(rel: str):
     """The config class that claims configs/<rel>, or None."""
+    if rel == "rl.yaml" or (rel.startswith("runs/") and "-rl-" in rel):
+        return RLConfig
     if rel in ("sft.yaml", "dpo.yaml") or rel.startswith(("runs/", *LAYER_FOLDERS)):
         return TrainConfig
     return {"datagen.yaml": DatagenConfig, "eval.yaml": EvalConfig}.get(rel)
@@ -121,12 +128,12 @@ def slice_of(rel: str) -> str | None:
     return match["slice"] if match else None
 
 
-TRAIN_YAML = [rel for rel in ALL_YAML if config_class(rel) is TrainConfig]
+TRAIN_YAML = [rel for rel in ALL_YAML if config_class(rel) in (TrainConfig, RLConfig)]
 
 
 @pytest.mark.parametrize("rel", TRAIN_YAML)
 def test_mesh_uses_the_slice_and_the_batch_divides_over_it(rel, tmp_path):
-    cfg = load_config(TrainConfig, composed(rel, tmp_path))
+    cfg = load_config(config_class(rel), composed(rel, tmp_path))
     name = slice_of(rel)
     if rel.startswith(("hardware/", "runs/")):
         assert name in SLICES, f"{rel}: name it after a slice ({', '.join(SLICES)}) so its device count is known"
@@ -161,7 +168,7 @@ RUN_YAML = [rel for rel in ALL_YAML if rel.startswith("runs/")]
 
 def test_runs_cover_every_model_task_and_slice():
     expected = {f"runs/{m}-{t}-{s}.yaml" for m in RUN_MODELS for t in ("sft", "dpo") for s in SLICES}
-    assert set(RUN_YAML) == expected
+    assert set(RUN_YAML) == expected | RL_RUNS
     assert {rel for rel in ALL_YAML if rel.startswith(LAYER_FOLDERS)} == (
         {f"models/{m}.yaml" for m in RUN_MODELS} | {f"hardware/{s}.yaml" for s in SLICES})
 
@@ -169,20 +176,23 @@ def test_runs_cover_every_model_task_and_slice():
 @pytest.mark.parametrize("rel", RUN_YAML)
 def test_run_reads_and_writes_gcs_and_fits_in_device_memory(rel):
     match = RUN_NAME.fullmatch(rel)
-    assert match, f"{rel}: name runs <model>-<sft|dpo>-<slice>.yaml"
-    cfg = load_config(TrainConfig, CONFIGS / rel)
+    assert match, f"{rel}: name runs <model>-<sft|dpo|rl>-<slice>.yaml"
+    cfg = load_config(config_class(rel), CONFIGS / rel)
     preset, hf_folder = RUN_MODELS[match["model"]]
-    assert cfg.objective == match["task"]
-    for path in (cfg.model.path, cfg.output_dir, cfg.data.path):
+    assert cfg.objective == OBJECTIVE_OF_TASK[match["task"]]
+    # An RL run's data are its rollouts: no data.path.
+    for path in (cfg.model.path, cfg.output_dir, *([cfg.data.path] if cfg.objective != "grpo" else [])):
         assert path and GCS_URL.fullmatch(path), f"{rel}: {path!r} should be a gs:// URL"
     assert cfg.model.path.rstrip("/").endswith("/" + hf_folder)
     assert cfg.output_dir.rstrip("/").endswith("/" + pathlib.Path(rel).stem)  # one checkpoint folder per run file
 
-    # fp32 master weight + fp32 gradient + two fp32 AdamW moments; DPO keeps a frozen reference copy too.
+    # fp32 master weight + fp32 gradient + two fp32 AdamW moments; DPO (and GRPO with a KL term) keeps a frozen
+    # reference copy too.
     assert cfg.model.param_dtype == "float32" and cfg.model.dtype == "bfloat16" and cfg.remat == "full"
     # What makes a 7-8B step fit a chip (the compiler's figures: benchmarks/results/tpu_compile/).
     assert cfg.scan_layers and cfg.attention == "blockwise" and 0 < cfg.logits_chunk <= 2048
-    bytes_per_param = 16 + (4 if cfg.objective == "dpo" else 0)
+    holds_reference = cfg.objective == "dpo" or (cfg.objective == "grpo" and cfg.grpo.kl_coef > 0)
+    bytes_per_param = 16 + (4 if holds_reference else 0)
     devices, hbm_gb = SLICES[match["slice"]]
     state_gb = sharded_bytes_per_device(preset, cfg.mesh.shape(devices), bytes_per_param) / 1e9
     # Keep a third of the device for activations (≈15 GB with remat at 8192 tokens) and XLA's temporaries.
@@ -191,7 +201,7 @@ def test_run_reads_and_writes_gcs_and_fits_in_device_memory(rel):
 
 def test_all_runs_share_the_paper_settings_and_the_trainer_task_configs():
     sft, dpo = (load_config(TrainConfig, CONFIGS / f"{t}.yaml") for t in ("sft", "dpo"))
-    for rel in RUN_YAML:
+    for rel in sorted(set(RUN_YAML) - RL_RUNS):
         cfg = load_config(TrainConfig, CONFIGS / rel)
         task_default = dpo if cfg.objective == "dpo" else sft
         assert cfg.optim == task_default.optim and cfg.optim.lr == 1e-5, rel
@@ -202,9 +212,35 @@ def test_all_runs_share_the_paper_settings_and_the_trainer_task_configs():
             assert cfg.dpo == dpo.dpo and cfg.dpo.beta == 0.9, rel
 
 
+def test_rl_runs_share_their_settings_and_fit_their_rollouts():
+    rl = load_config(RLConfig, CONFIGS / "rl.yaml")
+    for rel in sorted(RL_RUNS):
+        cfg = load_config(RLConfig, CONFIGS / rel)
+        assert cfg.grpo == rl.grpo.model_copy(update={"budget_tokens": cfg.rollout.generation.max_tokens}), rel
+        assert cfg.rollout.group_size == 4 and cfg.rollout.turns == 5 and cfg.data.seq_len == 8192, rel
+        # A row holds K turns of a user message (≤ the simulator's max_tokens) and G replies (≤ max_tokens), with
+        # ≤ 8 template tokens around each message and 64 before the first.
+        message = 8
+        row = 64 + cfg.rollout.turns * (cfg.simulator.generation.max_tokens + message
+                                        + cfg.rollout.group_size * (cfg.rollout.generation.max_tokens + message))
+        assert row <= cfg.data.seq_len, f"{rel}: {row} tokens of G x K replies exceed data.seq_len"
+        # Simulator and judge off the accelerators: an OpenAI-compatible endpoint, so the judge parses text.
+        assert cfg.simulator.backend.kind == cfg.judge.backend.kind == "openai" and cfg.judge.method == "text", rel
+
+
 def test_run_files_are_objective_model_hardware_plus_their_own_paths():
-    """Runs inherit everything from their three layers instead of restating it."""
-    for rel in RUN_YAML:
+    """Runs inherit everything from their three layers instead of restating it; an RL run restates its hardware
+    layer (whose data.max_pairs is no key of an RL row) and must agree with it."""
+    for rel in sorted(RL_RUNS):
+        match = RUN_NAME.fullmatch(rel)
+        own = yaml.safe_load((CONFIGS / rel).read_text())
+        hardware = yaml.safe_load((CONFIGS / f"hardware/{match['slice']}.yaml").read_text())
+        assert own.pop("base") == ["../rl.yaml", f"../models/{match['model']}.yaml"], rel
+        for key in ("model", "remat", "scan_layers", "attention", "logits_chunk", "mesh"):
+            assert own[key] == hardware[key], f"{rel}: {key}"
+        assert own["data"] == {"seq_len": hardware["data"]["seq_len"]}, rel
+        assert own["output_dir"].rstrip("/").endswith("/" + pathlib.Path(rel).stem), rel
+    for rel in sorted(set(RUN_YAML) - RL_RUNS):
         match = RUN_NAME.fullmatch(rel)
         own = yaml.safe_load((CONFIGS / rel).read_text())
         assert own.pop("base") == [f"../{match['task']}.yaml", f"../models/{match['model']}.yaml",
