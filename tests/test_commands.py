@@ -13,6 +13,7 @@ from aloe_jax.core.config import load_config
 from aloe_jax.eval.config import CompareConfig, EvalConfig
 from aloe_jax.quickstart import QuickstartConfig
 from aloe_jax.train.config import ExportConfig, TrainConfig
+from aloe_jax.rl.config import RLConfig
 from data_pipeline.config import DatagenConfig, ExportTreesConfig
 
 # (packaged config, class, the keys where the file deliberately differs from the class defaults)
@@ -64,6 +65,11 @@ ALIASED = [
      ["model.path=m", "model.dtype=float32", "output_dir=o"]),
     (["dpo", "--model", "runs/sft", "--dtype", "float32", "--out", "o", "optim.lr=2e-5"], TrainConfig, "dpo",
      ["model.path=runs/sft", "model.dtype=float32", "output_dir=o", "optim.lr=2e-5"]),
+    (["rl", "--model", "runs/sft", "--dtype", "float32", "--out", "o", "--iterations", "3", "--judge",
+      "openai:gpt@http://h/v1", "--simulator", "s", "--aloe-data", "/d", "rollout.group_size=8"], RLConfig, "rl",
+     ["model.path=runs/sft", "model.dtype=float32", "output_dir=o", "iterations=3", "judge.backend.kind=openai",
+      "judge.backend.model=gpt", "judge.backend.base_url=http://h/v1", "simulator.backend.kind=jax",
+      "simulator.backend.model=s", "rollout.aloe_data=/d", "rollout.group_size=8"]),
     (["export", "runs/sft", "hf", "--dtype", "bfloat16", "--adapter"], ExportConfig, None,
      ["model.path=runs/sft", "output_dir=hf", "model.dtype=bfloat16", "adapter=true"]),
     (["quickstart", "--out", "o", "--aloe-data", "/d", "--cases", "1", "--turns", "2", "--conversations", "3",
@@ -85,7 +91,7 @@ def test_print_config_is_what_the_aliases_mean_and_round_trips(capsys, argv, cls
 
 
 @pytest.mark.parametrize("command", ["chat", "serve", "personas", "trees", "export-trees", "contamination", "eval",
-                                     "eval-report", "eval-compare", "sft", "dpo", "export", "quickstart", "compile"])
+                                     "eval-report", "eval-compare", "sft", "dpo", "rl", "export", "quickstart", "compile"])
 def test_every_command_prints_its_default_config(capsys, command):
     assert main([command, "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)

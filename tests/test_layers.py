@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sampling", ("aloe_jax.sampling",)),              # KV-cache sampler, option scoring, chat over a decoder
     ("llm", ("aloe_jax.llm",)),                        # ChatBackend: in-process JAX or an OpenAI endpoint; roles
     ("conversation", ("aloe_jax.conversation",)),      # persona pools, records, the lockstep conversation engine
-    ("stages", ("data_pipeline", "aloe_jax.train", "aloe_jax.eval", "aloe_jax.serving", "aloe_jax.rl")),
+    ("stages", ("data_pipeline", "aloe_jax.train", "aloe_jax.eval", "aloe_jax.serving")),
+    ("online", ("aloe_jax.rl",)),                      # online RL: the trainer + the evaluation's roles, in a loop
     ("tools", ("aloe_jax.aot",)),                      # compile proofs over the stages' programs
     ("pipeline", ("aloe_jax.quickstart",)),            # every stage in a row, through the commands
     ("cli", ("aloe_jax.cli",)),                        # the commands

@@ -11,10 +11,10 @@ from flax import nnx
 from aloe_jax.models import sharding
 from aloe_jax.models.config import config_from_hf
 from aloe_jax.models.decoder import Decoder
-from aloe_jax.train.config import DPOConfig, ObjectiveName, TrainConfig
-from aloe_jax.train.inputs.batch import collate
+from aloe_jax.train.config import DPOConfig, GRPOConfig, ObjectiveName, TrainConfig
+from aloe_jax.train.inputs.batch import collate, collate_rollouts
 from aloe_jax.train.inputs.pipeline import DataConfig
-from aloe_jax.train.objectives import DPO, OBJECTIVES, SFT, objective_of
+from aloe_jax.train.objectives import DPO, GRPO, OBJECTIVES, SFT, objective_of
 from aloe_jax.train.trainer import Trainer
 
 FORWARD = {"tokens", "positions", "segment", "visible_prefix", "labels"}
@@ -26,12 +26,18 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def test_the_config_names_exactly_the_registered_objectives_with_their_settings():
-    assert set(typing.get_args(ObjectiveName)) == set(OBJECTIVES) == {"sft", "dpo"}
+    assert set(typing.get_args(ObjectiveName)) == set(OBJECTIVES) == {"sft", "dpo", "grpo"}
     assert objective_of(_cfg()) == SFT()
     dpo = DPOConfig(beta=0.3, loss_type="hinge", reference="other-model")
     objective = objective_of(_cfg(objective="dpo", dpo=dpo))
     assert isinstance(objective, DPO) and objective.config == dpo and objective.reference_model == "other-model"
     assert SFT().reference_model is None
+    grpo = GRPOConfig(variant="dr_grpo", kl_coef=0.0, reference="ref-model")
+    objective = objective_of(_cfg(objective="grpo", grpo=grpo))
+    assert isinstance(objective, GRPO) and objective.config == grpo
+    assert not objective.needs_reference and not objective.holds_reference and objective.forward_passes == 3
+    kl = objective_of(_cfg(objective="grpo"))
+    assert kl.needs_reference and kl.holds_reference and kl.forward_passes == 4 and kl.reference_model is None
 
 
 def _tiny(tie: bool = True):
@@ -43,6 +49,7 @@ def _tiny(tie: bool = True):
 @pytest.mark.parametrize("objective,fields,rejected,reference", [
     (SFT(), FORWARD | {"sft_weight"}, False, False),
     (DPO(), FORWARD | {"reply_index", "pair_chosen", "pair_rejected", "pair_weight"}, True, True),
+    (GRPO(), FORWARD | {"reply_index", "reply_advantage", "reply_weight", "old_logprobs"}, True, True),
 ])
 def test_each_objective_reads_exactly_its_batch_fields(objective, fields, rejected, reference):
     """SFT needs the forward pass and its target weights, DPO the reply indices and pairs instead (and rejected
@@ -50,7 +57,8 @@ def test_each_objective_reads_exactly_its_batch_fields(objective, fields, reject
     assert set(objective.batch_fields) == fields
     assert (objective.rejected_branches, objective.needs_reference) == (rejected, reference)
     graphdef, params = nnx.split(Decoder(_tiny(), nnx.Rngs(0)))
-    full = collate([], 2, 64, 2)
+    full = {**collate([], 2, 64, 2), **collate_rollouts([], [], 2, 64, 4),
+            "old_logprobs": np.zeros((2, 64), np.float32)}
     ref_params = params if reference else None
     loss = lambda batch: objective.loss_sums(graphdef, params, ref_params, batch)  # noqa: E731
     jax.eval_shape(loss, {name: full[name] for name in fields})
@@ -59,13 +67,14 @@ def test_each_objective_reads_exactly_its_batch_fields(objective, fields, reject
             jax.eval_shape(loss, {name: full[name] for name in fields - {missing}})
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
 def test_the_trainer_places_only_the_objectives_fields_on_the_mesh(objective):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2), devices=jax.devices()[:2])
     trainer = Trainer(_cfg(objective=objective), sharding.shard_model(Decoder(_tiny(), nnx.Rngs(0)), mesh), mesh, 1)
-    local = {**collate([], 2, 64, 2), "turns_cut": np.zeros(2, np.int32), "tree_dropped": np.zeros(2, np.int32)}
+    local = {**collate([], 2, 64, 2), **collate_rollouts([], [], 2, 64, 4), "old_logprobs": np.zeros((2, 64), np.float32),
+             "turns_cut": np.zeros(2, np.int32), "tree_dropped": np.zeros(2, np.int32)}
     assert set(trainer.device_batch(local)) == set(OBJECTIVES[objective].batch_fields)
-    assert (trainer.ref_params is not None) == OBJECTIVES[objective].needs_reference
+    assert (trainer.ref_params is not None) == trainer.objective.needs_reference
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -238,16 +238,13 @@ def run(cfg: RLConfig, backends: dict[str, ChatBackend] | None = None, show_prog
     from aloe_jax.conversation.aloe_pools import load_pool
     from aloe_jax.core import distributed
     from aloe_jax.models import sharding
-    from aloe_jax.models.loader import DEFAULT_MODEL
-    from aloe_jax.models.run_folder import write_run_files
     from aloe_jax.rl.rollouts import RolloutScript, draw_cases, run_rollouts
     from aloe_jax.sampling.chat import ChatEngine
     from aloe_jax.sampling.sessions import SessionCache
-    from aloe_jax.train.checkpoint import Checkpointer
     from aloe_jax.train.inputs.pipeline import global_batch
     from aloe_jax.train.metrics_log import MetricsLogger, import_wandb, peak_flops_per_device
     from aloe_jax.train.objectives import objective_of
-    from aloe_jax.train.trainer import Trainer, _check_resume_layout, _load
+    from aloe_jax.train.trainer import Trainer, _check_resume_layout, _load, resume_or_start
 
     from aloe_jax.core import storage
 
@@ -274,17 +271,7 @@ def run(cfg: RLConfig, backends: dict[str, ChatBackend] | None = None, show_prog
     engine = ChatEngine(model, tokenizer, mesh)
     roles = Roles(cfg, engine, backends)
 
-    checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
-    resumed = checkpointer.restore_latest(trainer.abstract_state, None) if cfg.checkpoint.resume else None
-    if resumed is not None:
-        state, latest = resumed
-        trainer.release_initial_params()
-        print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
-    else:
-        state = trainer.init_state()
-        write_run_files(cfg.output_dir, objective.name, cfg.model.path or DEFAULT_MODEL, model.cfg, tokenizer,
-                        scan_layers=cfg.scan_layers,
-                        lora=cfg.lora.model_dump(mode="json") if cfg.lora is not None else None)
+    checkpointer, state = resume_or_start(cfg, trainer, tokenizer)
     start_step = int(jax.device_get(state.step))
     start = start_step // epochs
     logger = MetricsLogger(cfg.output_dir, cfg.iterations, start,

@@ -148,15 +148,33 @@ def _check_resume_layout(cfg: TrainConfig) -> None:
                           f"lora setting (or use a new output_dir)")
 
 
+def resume_or_start(cfg: TrainConfig, trainer: Trainer, tokenizer, data_iterator=None):
+    """(the run folder's Checkpointer, the state to train from): the newest readable checkpoint's (the data iterator
+    moved to where it left off), or step 0 with the run folder's model files written."""
+    from aloe_jax.models.loader import DEFAULT_MODEL
+    from aloe_jax.models.run_folder import write_run_files
+    from aloe_jax.train.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
+    resumed = checkpointer.restore_latest(trainer.abstract_state, data_iterator) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        state, latest = resumed
+        trainer.release_initial_params()
+        print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
+        return checkpointer, state
+    state = trainer.init_state()
+    write_run_files(cfg.output_dir, trainer.objective.name, cfg.model.path or DEFAULT_MODEL, trainer.model_cfg,
+                    tokenizer, scan_layers=cfg.scan_layers,
+                    lora=cfg.lora.model_dump(mode="json") if cfg.lora is not None else None)
+    return checkpointer, state
+
+
 def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     """Train as `cfg` says (resuming when the run folder has a checkpoint), running the config's hooks and then
     `hooks` after the steps each is due; returns the last logged training metrics."""
     from aloe_jax.core import distributed
     from aloe_jax.train.inputs import pipeline
     from aloe_jax.train.inputs.sources import open_tree_source
-    from aloe_jax.models.loader import DEFAULT_MODEL
-    from aloe_jax.models.run_folder import write_run_files
-    from aloe_jax.train.checkpoint import Checkpointer
     from aloe_jax.train.hooks import hooks_of
     from aloe_jax.train.metrics_log import MetricsLogger, import_wandb, peak_flops_per_device
 
@@ -181,17 +199,7 @@ def run(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, float]:
                                          rejected_branches=objective.rejected_branches))
     hooks = [*hooks_of(cfg, tokenizer, objective.rejected_branches), *hooks]
 
-    checkpointer = Checkpointer(cfg.output_dir, cfg.checkpoint.max_to_keep)
-    resumed = checkpointer.restore_latest(trainer.abstract_state, batches) if cfg.checkpoint.resume else None
-    if resumed is not None:
-        state, latest = resumed
-        trainer.release_initial_params()
-        print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
-    else:
-        state = trainer.init_state()
-        write_run_files(cfg.output_dir, objective.name, cfg.model.path or DEFAULT_MODEL, model.cfg, tokenizer,
-                        scan_layers=cfg.scan_layers,
-                        lora=cfg.lora.model_dump(mode="json") if cfg.lora is not None else None)
+    checkpointer, state = resume_or_start(cfg, trainer, tokenizer, batches)
     del model  # its buffers now belong to `state`
 
     start = int(jax.device_get(state.step))
