@@ -163,7 +163,7 @@ def test_sigkill_in_a_rollout_and_in_an_update_then_the_same_command_gives_the_u
 
 def test_the_rl_run_folder_loads_as_a_model_and_the_config_mistakes_are_one_line(word_policy, tmp_path):
     from aloe_jax.cli import main
-    from aloe_jax.models.loader import load_model
+    from aloe_jax.models.loader import load_model, model_source
 
     judge = json.dumps({"kind": "keyword", "model": KEYWORD})
 
@@ -178,5 +178,11 @@ def test_the_rl_run_folder_loads_as_a_model_and_the_config_mistakes_are_one_line
     assert main(args(tmp_path / "run")) == 0
     model, tokenizer = load_model(str(tmp_path / "run"), param_dtype="float32", dtype="float32")
     assert len(tokenizer) == len(WORDS) + 3
+    # The base's provenance is recorded when the run starts, and still stated after the base has moved.
+    info_path = tmp_path / "run" / "aloe_run.json"
+    info = json.loads(info_path.read_text())
+    assert info["objective"] == "grpo" and info["base_source"] == {"format": "hf", "dtype": "float32"}
+    info_path.write_text(json.dumps({**info, "base_model": str(tmp_path / "moved")}))
+    assert model_source(str(tmp_path / "run"))["base_source"] == {"format": "hf", "dtype": "float32"}
     assert main(args(tmp_path / "a", 512, "rollout.cases=3", "micro_batches=2")) == 2  # one line, exit 2
     assert main(args(tmp_path / "b", 16)) == 2  # not one turn fits a row: one line naming data.seq_len

@@ -158,11 +158,13 @@ def model_source(spec: str | None = None) -> dict:
     found = resolve_checkpoint(spec)
     if found is not None:
         run_dir, step = found
-        base = read_run_info(run_dir).get("base_model")
-        try:
-            base_source = model_source(base) if base else None
-        except AloeError:
-            base_source = None  # the base is gone or moved: the run's record still names it
+        info = read_run_info(run_dir)
+        base, base_source = info.get("base_model"), info.get("base_source")  # as recorded when the run started
+        if base_source is None:  # a run folder written before runs recorded it
+            try:
+                base_source = model_source(base) if base else None
+            except AloeError:
+                base_source = None  # the base is gone or moved: the run's record still names it
         return {"format": "checkpoint", "step": step, "base_model": base, "base_source": base_source}
     try:
         hf = json.loads(storage.read_text(storage.join(spec, "config.json")))

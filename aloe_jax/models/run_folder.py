@@ -42,9 +42,11 @@ def absolute(path: str) -> str:
 
 
 def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg: ModelConfig, tokenizer,
-                    scan_layers: bool = False, lora: dict | None = None) -> None:
+                    scan_layers: bool = False, lora: dict | None = None, base_source: dict | None = None) -> None:
     """Write aloe_run.json and model/ (config.json + tokenizer) into a run folder (process 0 only); `scan_layers`
-    records that the checkpoints hold stacked layers, `lora` the LoRA config whose adapters they hold."""
+    records that the checkpoints hold stacked layers, `lora` the LoRA config whose adapters they hold, `base_source`
+    where the base's weights came from (`loader.model_source`: a dequantised GGUF says so), kept with the run so
+    that an evaluation of its checkpoints states it even after the base moved."""
     if jax.process_index() != 0:
         return
     model_dir = storage.join(output_dir, MODEL_DIR)
@@ -57,7 +59,7 @@ def write_run_files(output_dir: str, objective: str, base_model: str, model_cfg:
             for name in os.listdir(tmp):
                 storage.write_bytes(os.path.join(model_dir, name), storage.read_bytes(os.path.join(tmp, name)))
     info = {"objective": objective, "base_model": base_model, "model_type": model_cfg.model_type,
-            "scan_layers": scan_layers, "lora": lora}
+            "scan_layers": scan_layers, "lora": lora, **({"base_source": base_source} if base_source else {})}
     storage.write_text(storage.join(output_dir, RUN_INFO_FILE), json.dumps(info, indent=2))
 
 

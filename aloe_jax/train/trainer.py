@@ -151,7 +151,8 @@ def _check_resume_layout(cfg: TrainConfig) -> None:
 def resume_or_start(cfg: TrainConfig, trainer: Trainer, tokenizer, data_iterator=None):
     """(the run folder's Checkpointer, the state to train from): the newest readable checkpoint's (the data iterator
     moved to where it left off), or step 0 with the run folder's model files written."""
-    from aloe_jax.models.loader import DEFAULT_MODEL
+    from aloe_jax.core.errors import AloeError
+    from aloe_jax.models.loader import DEFAULT_MODEL, model_source
     from aloe_jax.models.run_folder import write_run_files
     from aloe_jax.train.checkpoint import Checkpointer
 
@@ -163,9 +164,13 @@ def resume_or_start(cfg: TrainConfig, trainer: Trainer, tokenizer, data_iterator
         print(f"resuming from the checkpoint of step {latest} in {checkpointer.directory}", flush=True)
         return checkpointer, state
     state = trainer.init_state()
+    try:
+        base_source = model_source(cfg.model.path)
+    except AloeError:
+        base_source = None  # a source that cannot be described (it loaded, so this is only provenance lost)
     write_run_files(cfg.output_dir, trainer.objective.name, cfg.model.path or DEFAULT_MODEL, trainer.model_cfg,
                     tokenizer, scan_layers=cfg.scan_layers,
-                    lora=cfg.lora.model_dump(mode="json") if cfg.lora is not None else None)
+                    lora=cfg.lora.model_dump(mode="json") if cfg.lora is not None else None, base_source=base_source)
     return checkpointer, state
 
 
