@@ -103,6 +103,7 @@ def test_grpo_learns_a_rule_based_reward_and_the_negated_reward_unlearns_it(word
             assert [m["step"] for m in logged] == list(range(1, 21))
             assert logged[-1]["reward/mean"] > logged[0]["reward/mean"] + 1.5
             assert logged[-1]["kl"] > 0 and all(np.isfinite(m["loss"]) for m in logged)
+            assert (out / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     # Iteration 0 is the same rollout for both (same seed, same starting policy).
     assert rates["reward"][0] == rates["negated"][0] > 0
     assert np.mean(rates["reward"][-3:]) > np.mean(rates["reward"][:3]) + 0.3

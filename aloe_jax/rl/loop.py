@@ -196,6 +196,15 @@ class _FaultInSecondTurn:
         return records
 
 
+def _redraw_curve(log_dir: str, output_dir: str) -> None:
+    from aloe_jax.core import jsonl_log, storage
+    from aloe_jax.rl.plot import plot_reward_curve
+    from aloe_jax.train.metrics_log import METRICS_FILE
+
+    plot_reward_curve(jsonl_log.read_complete(os.path.join(log_dir, METRICS_FILE), repair=False),
+                      storage.join(output_dir, "reward_curve.png"), os.path.basename(output_dir.rstrip("/")))
+
+
 class Roles:
     """The roles of the rollouts: the policy (the trained model itself, in process), the simulated user, the judge
     and, for an extractor-based persona reward, the extractor."""
@@ -323,6 +332,8 @@ def run(cfg: RLConfig, backends: dict[str, ChatBackend] | None = None, show_prog
             if step % cfg.checkpoint.every_steps == 0 or iteration + 1 == cfg.iterations:
                 checkpointer.save(state, None, {**meta, "iteration": iteration + 1})
                 logger.sync()
+            if jax.process_index() == 0:
+                _redraw_curve(logger.log_dir, cfg.output_dir)
     finally:
         checkpointer.wait()
         checkpointer.close()
