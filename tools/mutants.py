@@ -61,6 +61,8 @@ _SESSION_OPS = f"{_SESSIONS}::test_fork_spill_restore_and_truncate_keep_turns_eq
 _SESSION_SAMPLED = f"{_SESSIONS}::test_sampled_turns_and_forked_groups_draw_what_the_stateless_sampler_draws"
 _SESSION_ROOM = f"{_SESSIONS}::test_max_bytes_counts_the_capacity_a_turn_really_takes"
 _REPEAT_GUARD = "tests/test_repeat_guard.py"
+_GRPO_EXACT = "tests/test_grpo.py::test_tree_packed_grpo_loss_and_gradients_equal_per_candidate_scoring"
+_GRPO_ONPOLICY = "tests/test_grpo.py::test_at_the_rollout_policy_the_ratio_is_one_and_the_loss_is_minus_mean_advantage"
 _GGUF_LOGITS = "tests/test_gguf.py::test_tiny_gguf_logits_match_the_dequantised_weights_in_transformers"
 
 MUTANTS: list[Mutant] = [
@@ -387,7 +389,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_attention.py::test_blockwise_attention_and_chunked_logprobs_equal_dense_for_every_family",),
            "chunked label log-probs read each label one position late"),
     Mutant("checkpoint_layout_not_recorded", "aloe_jax/models/run_folder.py",
-           '"scan_layers": scan_layers, "lora": lora}', '"scan_layers": False, "lora": lora}',
+           '"scan_layers": scan_layers, "lora": lora,', '"scan_layers": False, "lora": lora,',
            (_STACKED,), "a scan run's folder does not say its layers are stacked: it cannot load as a model"),
     Mutant("remat_policy_ignored_under_scan", "aloe_jax/models/decoder.py",
            "block = _block_fn(graphdef, self.options.remat, in_scan=True)",
@@ -472,7 +474,9 @@ MUTANTS: list[Mutant] = [
            (f"{_LORA}::test_checkpoint_resumes_loads_merged_and_exports_merged_and_as_peft",),
            "adapters scaled by alpha instead of alpha / rank: the PEFT export gives other logits than training did"),
     Mutant("dpo_reference_keeps_the_adapter", "aloe_jax/train/objectives.py",
-           "            ref_params = lora.adapter_off(params)", "            ref_params = params",
+           "        if self.reference_is_base:\n            ref_params = lora.adapter_off(params)\n"
+           "        # The reference log-probs",
+           "        if self.reference_is_base:\n            ref_params = params\n        # The reference log-probs",
            (f"{_LORA}::test_dpo_reference_is_the_base_without_the_adapters_and_no_copy_is_held",),
            "LoRA DPO's reference is the adapted policy itself: every margin stays 0 and nothing is learnt"),
     # --- GGUF files of a supported family ----------------------------------------------------------------------------
@@ -512,6 +516,27 @@ MUTANTS: list[Mutant] = [
            "for attempt in range(1, tries + 1):", "for attempt in range(1, tries):",
            (_REPEAT_GUARD,), "max_resamples=N resamples a repeating message N-1 times"),
     Mutant("repeat_guard_same_seed", "aloe_jax/conversation/repeat_guard.py",
-           'update={"seed": derive_seed(params.seed, "resample", attempt)}', 'update={"seed": params.seed}',
+           'update={"seed": derive_seed(params.seed, "resample", attempt),', 'update={"seed": params.seed,',
            (_REPEAT_GUARD,), "a resample reuses the turn's seed: a seeded simulator draws the same repeat again"),
+    # --- GRPO on tree-packed rollouts -----------------------------------------------------------------------------
+    Mutant("grpo_advantage_sign", "aloe_jax/train/objectives.py",
+           'advantage = per_token(batch["reply_advantage"], reply_index)',
+           'advantage = -per_token(batch["reply_advantage"], reply_index)',
+           (_GRPO_EXACT, _GRPO_ONPOLICY), "GRPO trained backwards: the policy moves toward the worse candidates"),
+    Mutant("grpo_max_not_min", "aloe_jax/train/losses.py",
+           "loss = -jnp.minimum(unclipped, clipped)", "loss = -jnp.maximum(unclipped, clipped)",
+           (_GRPO_EXACT,), "the clipped surrogate takes the optimistic term: no trust region"),
+    Mutant("grpo_kl_sign", "aloe_jax/train/losses.py",
+           "k3 = jnp.exp(log_ratio) - log_ratio - 1", "k3 = jnp.exp(log_ratio) + log_ratio - 1",
+           (_GRPO_EXACT,), "the k3 estimator with the wrong sign: not a KL, it rewards drifting one way"),
+    Mutant("grpo_unscored_replies_trained", "aloe_jax/train/objectives.py",
+           'weight = per_token(batch["reply_weight"], reply_index)',
+           'weight = (reply_index >= 0).astype(jnp.float32)',
+           (_GRPO_EXACT,), "candidates without a judge score are trained on with advantage 0 (and counted)"),
+    Mutant("grpo_no_std_division", "aloe_jax/train/losses.py",
+           'return centred / (rewards[scored].std() + eps) if variant == "grpo" else centred', "return centred",
+           ("tests/test_grpo.py::test_group_advantages",), "grpo advantages not divided by the group's std"),
+    Mutant("rollout_branches_share_a_segment", "aloe_jax/train/inputs/packing.py",
+           "segment += [max(segment) + 1] * len(branch)", "segment += [1] * len(branch)",
+           (_GRPO_EXACT,), "the G − 1 branches of a turn see each other: candidates conditioned on their siblings"),
 ]
