@@ -20,7 +20,7 @@ from aloe_jax.models.decoder import Decoder, RuntimeOptions, stack_layers, unsta
 from aloe_jax.models.loader import load_model, relayout
 from aloe_jax.models.weights import load_hf_model
 from aloe_jax.train.config import DPOConfig
-from aloe_jax.train.objectives import DPO, SFT
+from aloe_jax.train.objectives import DPO, GRPO, SFT
 from aloe_jax.train.step import StepContext, make_grad_fn
 from tests import tiny_models
 from tests.test_packing import make_tree
@@ -109,7 +109,18 @@ def _tiny_cfg(dtype):
                                tie_word_embeddings=True), dtype=dtype)
 
 
-OBJECTIVES = [("sft", None), ("dpo", "sigmoid"), ("dpo", "ipo"), ("dpo", "hinge")]
+OBJECTIVES = [("sft", None), ("dpo", "sigmoid"), ("dpo", "ipo"), ("dpo", "hinge"), ("grpo", None)]
+
+
+def _with_grpo_fields(batch: dict) -> dict:
+    """The packed trees' replies as GRPO candidates: advantages of both signs, every reply weighted, and rollout-time
+    log-probs around −3 so that ratios leave the clip range both ways."""
+    rows, seq = batch["tokens"].shape
+    replies = 2 * batch["pair_chosen"].shape[1]
+    wave = lambda n, phase: jnp.sin(phase + jnp.arange(n, dtype=jnp.float32))  # noqa: E731
+    return {**batch, "reply_advantage": wave(rows * replies, 0.0).reshape(rows, replies),
+            "reply_weight": jnp.ones((rows, replies), jnp.float32),
+            "old_logprobs": (-3.0 + 2.0 * wave(rows * seq, 1.0)).reshape(rows, seq)}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -118,10 +129,12 @@ def test_every_objective_remat_dtype_and_layout_gives_the_plain_gradients(object
     """Each combination a config can select (objective × remat × compute dtype × scan_layers × attention) against
     the plain path (no remat, unrolled, dense): fp32 ≤ 1e-6; bf16 within bf16 rounding of the plain bf16 result."""
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
-    dpo = DPO(DPOConfig(loss_type=loss_type)) if objective == "dpo" else None
+    dpo = DPO(DPOConfig(loss_type=loss_type)) if objective == "dpo" else GRPO() if objective == "grpo" else None
+    if objective == "grpo":
+        tree_batch = _with_grpo_fields(tree_batch)
     plain = Decoder(_tiny_cfg(dtype), nnx.Rngs(0), RuntimeOptions(attention="dense"))
     graphdef, params = nnx.split(plain)
-    # A reference unlike the policy, so that DPO's gradient is not the degenerate one at the reference point.
+    # A reference unlike the policy, so that DPO's gradient (and GRPO's KL) is not the degenerate one at the reference.
     ref = jax.tree.map(lambda p: p + 0.02 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
 
     def grads_of(options):
