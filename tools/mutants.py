@@ -474,9 +474,8 @@ MUTANTS: list[Mutant] = [
            (f"{_LORA}::test_checkpoint_resumes_loads_merged_and_exports_merged_and_as_peft",),
            "adapters scaled by alpha instead of alpha / rank: the PEFT export gives other logits than training did"),
     Mutant("dpo_reference_keeps_the_adapter", "aloe_jax/train/objectives.py",
-           "        if self.reference_is_base:\n            ref_params = lora.adapter_off(params)\n"
-           "        # The reference log-probs",
-           "        if self.reference_is_base:\n            ref_params = params\n        # The reference log-probs",
+           "    if reference_is_base:\n        ref_params = lora.adapter_off(params)",
+           "    if reference_is_base:\n        ref_params = params",
            (f"{_LORA}::test_dpo_reference_is_the_base_without_the_adapters_and_no_copy_is_held",),
            "LoRA DPO's reference is the adapted policy itself: every margin stays 0 and nothing is learnt"),
     # --- GGUF files of a supported family ----------------------------------------------------------------------------

@@ -47,6 +47,15 @@ def batch_label_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
     return model.label_logprobs(hidden, batch["labels"])
 
 
+def reference_logprobs(graphdef: nnx.GraphDef, params: nnx.State, ref_params: nnx.State | None, batch: dict,
+                       reference_is_base: bool) -> jax.Array:
+    """`[rows, seq]` label log-probs under the frozen reference (no gradient): `ref_params`, or — with
+    `reference_is_base` — the policy's own params with the LoRA adapters switched off (no copy held)."""
+    if reference_is_base:
+        ref_params = lora.adapter_off(params)
+    return jax.lax.stop_gradient(batch_label_logprobs(graphdef, ref_params, batch))
+
+
 class Objective(abc.ABC):
     """What one training objective contributes to a step; the rest of the step (micro-batches, normalisation,
     optimizer) is the same for every objective."""
@@ -145,13 +154,11 @@ class DPO(Objective):
     def loss_sums(self, graphdef, params, ref_params, batch, dropout_key=None):
         dpo = self.config
         logps = batch_label_logprobs(graphdef, params, batch, dropout_key)
-        if self.reference_is_base:
-            ref_params = lora.adapter_off(params)
         # The reference log-probs are computed here, per micro-batch, with the frozen reference params rather than
         # in a separate pass before training: one extra forward (about a third of a training step's compute) costs
         # less than a full pass over the data plus storing and re-joining per-pair values with a shuffled, packed,
         # resumable stream, and it keeps every batch self-contained.
-        ref_logps = jax.lax.stop_gradient(batch_label_logprobs(graphdef, ref_params, batch))
+        ref_logps = reference_logprobs(graphdef, params, ref_params, batch, self.reference_is_base)
         normalise = dpo.loss_type == "ipo"
         chosen, rejected = pair_logprobs(logps, batch, normalise)
         ref_chosen, ref_rejected = pair_logprobs(ref_logps, batch, normalise)
@@ -211,9 +218,7 @@ class GRPO(Objective):
         logps = batch_label_logprobs(graphdef, params, batch, dropout_key)
         ref_logps = None
         if self.needs_reference:
-            if self.reference_is_base:
-                ref_params = lora.adapter_off(params)
-            ref_logps = jax.lax.stop_gradient(batch_label_logprobs(graphdef, ref_params, batch))
+            ref_logps = reference_logprobs(graphdef, params, ref_params, batch, self.reference_is_base)
         old = jax.lax.stop_gradient(batch["old_logprobs"])
         reply_index = batch["reply_index"]
         weight = per_token(batch["reply_weight"], reply_index)  # [rows, seq]: 1 on a scored reply's tokens
