@@ -1,7 +1,9 @@
 """The ALOE loop end to end on tiny models: cases, lockstep batching = one case at a time, kill-and-resume, reports,
 the CLI on a model stored on gs:// (emulator)."""
 
+import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -193,6 +195,16 @@ def test_report_and_compare(tmp_path, capsys):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     saved = json.loads((tmp_path / "base" / report.SUMMARY_FILE).read_text())
     assert saved["score"]["al"] == [3.0, 4.0, 4.5] and saved["expected_score"] is None
+
+    # A reference run committed with its records gzipped rebuilds the same numbers; a corrupt archive is one line.
+    archived = tmp_path / "archived"
+    shutil.copytree(tmp_path / "base", archived)
+    (archived / (RECORDS_FILE + ".gz")).write_bytes(gzip.compress((archived / RECORDS_FILE).read_bytes()))
+    (archived / RECORDS_FILE).unlink()
+    np.testing.assert_allclose(report.write_report(str(archived), n_resamples=100).al, [3, 4, 4.5])
+    (archived / (RECORDS_FILE + ".gz")).write_bytes(gzip.compress(b'{"case_id": "c0", "tu'))
+    assert main(["eval-report", str(archived)]) == 2
+    assert "is not a gzip of whole JSON lines" in capsys.readouterr().err
 
     # A run read while it is resumed: turn 3 not run yet is reported as such, not as missing judge scores.
     _write_run(tmp_path / "partial", "base-model", [[2, 4, 4], [4, None, 5]], expected=[[2.5, 3.5, 4], [3.5, 4.5, 5]])

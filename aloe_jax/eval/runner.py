@@ -14,6 +14,8 @@ with different settings in the same folder is refused rather than mixed in. Case
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from typing import Sequence
 
@@ -182,9 +184,19 @@ def total_seconds(out_dir: str) -> tuple[float, dict[str, float]]:
 def read_records(out_dir: str) -> list[dict]:
     """Every committed turn record of a run folder."""
     path = os.path.join(out_dir, RECORDS_FILE)
-    if not os.path.exists(path):
+    archived = path + ".gz"  # a finished reference run committed to git keeps its records compressed
+    if not os.path.exists(path) and os.path.exists(archived):
+        path = archived
+        with gzip.open(archived, "rt", encoding="utf-8") as f:
+            try:
+                records = [json.loads(line) for line in f if line.strip()]
+            except (OSError, EOFError, json.JSONDecodeError) as e:
+                raise DataError(f"{archived} is not a gzip of whole JSON lines ({e}): recompress the run's "
+                                f"{RECORDS_FILE} with `gzip -k`") from None
+    elif not os.path.exists(path):
         raise ConfigError(f"{out_dir!r} holds no evaluation ({RECORDS_FILE} is missing): run `aloe-jax eval` first")
-    records = jsonl_log.read_complete(path, repair=False)  # may be read beside the run that appends to it
+    else:
+        records = jsonl_log.read_complete(path, repair=False)  # may be read beside the run that appends to it
     for i, record in enumerate(records, start=1):
         if not (isinstance(record, dict) and isinstance(record.get("case_id"), str) and _is_turn(record.get("turn"))):
             raise DataError(f"{path} record {i} needs a string 'case_id' and an integer 'turn' >= 1: not a record "
