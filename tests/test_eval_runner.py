@@ -214,6 +214,9 @@ def test_report_and_compare(tmp_path, capsys):
     np.testing.assert_allclose(partial.al, [3, 4, np.nan])
     text = (tmp_path / "partial" / report.REPORT_FILE).read_text()
     assert "Run in progress: 4 of 6 case-turns done" in text and "1 of the 4 case-turns run" in text
+    # The score distribution lists the turns run (turn 2: one 4, one missing), not all-zero rows for turn 3.
+    assert "| 1 | 0 | 1 | 0 | 1 | 0 | 0 |" in text and "| 2 | 0 | 0 | 0 | 1 | 0 | 1 |" in text
+    assert "| 3 | 0 | 0 | 0 | 0 | 0 | 0 |" not in text
     saved = json.loads((tmp_path / "partial" / report.SUMMARY_FILE).read_text())
     assert saved["expected_score"]["al"] == [3.0, 4.0, None]  # plotted dotted beside AL(k)
     (tmp_path / "partial" / report.REPORT_FILE).unlink()

@@ -365,7 +365,7 @@ def _measurements(run: LoadedRun, summary: metrics.RunSummary, n_resamples: int,
     rows += ["Scores per turn (cases; missing: run but unscored):", "",
              "| turn k | 1 | 2 | 3 | 4 | 5 | missing |", "|---:|---:|---:|---:|---:|---:|---:|"]
     rows += [f"| {k + 1} | " + " | ".join(str(d[s]) for s in ("1", "2", "3", "4", "5", "missing")) + " |"
-             for k, d in enumerate(distribution)]
+             for k, d in enumerate(distribution) if run.ran[:, k].any()]  # turns not run yet are not all-zero rows
     sections.append("\n".join(rows))
     return {"sections": sections, "warnings": warnings, "json": out, "knowing": knowing}
 
