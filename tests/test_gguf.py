@@ -115,8 +115,15 @@ _LLAMA3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end
 _ZEPHYR = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 _ZEPHYR_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-# family → (GGUF architecture, special tokens (bos, eos = ids 1, 2 except for Llama 3), tokenizer.ggml.pre)
+_SPM = ["<unk>", "<s>", "</s>"]
+# Llama 2's prompt format, as a stock template of the file (ours do not cover sentencepiece llamas).
+_INST_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                  "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+# family → (GGUF architecture, special tokens (bos, eos = ids 1, 2 except for Llama 3), tokenizer.ggml.pre); llama2's
+# vocabulary is a sentencepiece BPE (tokenizer.ggml.model "llama": tokens with scores, no merges), the others are
+# byte-level BPEs ("gpt2").
 _GGUF_FAMILIES = {"smollm2": ("llama", _CHATML, "smollm"), "llama3": ("llama", _LLAMA3, "llama-bpe"),
+                  "llama2": ("llama", _SPM, None),
                   "qwen2": ("qwen2", _CHATML, "qwen2"), "qwen2_tied": ("qwen2", _CHATML, "qwen2")}
 
 
@@ -136,6 +143,40 @@ def _bpe(specials: tuple[str, ...], single_digits: bool) -> tuple[list[str], lis
     vocab = tokenizer.get_vocab()
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
     return sorted(vocab, key=vocab.get), [" ".join(m) if isinstance(m, list) else m for m in merges]
+
+
+@functools.lru_cache(maxsize=None)
+def _sentencepiece() -> bytes:
+    """A sentencepiece BPE model trained on TEXTS the way Llama 2's was set up (byte fallback, digits split, no
+    normalisation, whitespace kept, a dummy prefix), serialised; ids 0, 1, 2 are <unk>, <s>, </s>."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 20 + ["The capital of France is Paris. What is 12 + 30?"] * 20),
+        model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True, split_digits=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+    return model.getvalue()
+
+
+def _write_sentencepiece_vocabulary(writer) -> list[str]:
+    """llama.cpp's converter's tokenizer metadata for a sentencepiece model: every piece with its score and type."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_proto=_sentencepiece())
+    ids = range(processor.get_piece_size())
+    tokens = [processor.id_to_piece(i) for i in ids]
+    kinds = [2 if processor.is_unknown(i) else 3 if processor.is_control(i) else 6 if processor.is_byte(i) else 1
+             for i in ids]  # llama.cpp's token types: unknown, control, byte, normal
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([processor.get_score(i) for i in ids])
+    writer.add_token_types(kinds)
+    writer.add_unk_token_id(0)
+    return tokens
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -179,8 +220,15 @@ def _write_gguf(path, family: str, qtype: str, seed: int = 0, chat_template: str
 
     gguf_arch, family_specials, pre = _GGUF_FAMILIES[family]
     specials = specials or family_specials
-    tokens, merges = _bpe(tuple(specials), pre == "smollm")
-    cfg = hf_config(family, **{**_TINY, "vocab_size": len(tokens), **overrides})
+    if pre is None:  # sentencepiece: its vocabulary size is the model's
+        import sentencepiece
+
+        vocab_size = sentencepiece.SentencePieceProcessor(model_proto=_sentencepiece()).get_piece_size()
+    else:
+        tokens, merges = _bpe(tuple(specials), pre == "smollm")
+        vocab_size = len(tokens)
+    llama2 = {"rope_parameters": dict(rope_type="default", rope_theta=10000.0)} if family == "llama2" else {}
+    cfg = hf_config("llama3" if llama2 else family, **{**_TINY, "vocab_size": vocab_size, **llama2, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     rng = np.random.default_rng(seed)
@@ -196,15 +244,19 @@ def _write_gguf(path, family: str, qtype: str, seed: int = 0, chat_template: str
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(cfg.hidden_size // heads)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_merges(merges)
-    writer.add_token_types([3 if token in specials else 1 for token in tokens])
+    if pre is None:
+        _write_sentencepiece_vocabulary(writer)  # no add_bos_token: llama.cpp prepends BOS to these by default
+        chat_template = chat_template or _INST_TEMPLATE
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types([3 if token in specials else 1 for token in tokens])
+        writer.add_add_bos_token(specials is _LLAMA3)
     bos, eos = (0, 1) if specials is _LLAMA3 else (1, 2)
     writer.add_bos_token_id(bos)
     writer.add_eos_token_id(eos)
-    writer.add_add_bos_token(specials is _LLAMA3)
     if chat_template:
         writer.add_chat_template(chat_template)
     types = iter(_MIXED * 10)
@@ -284,7 +336,7 @@ def _torch_logits(model, ids) -> np.ndarray:
 
 
 _CASES = [("smollm2", "F16", {}), ("llama3", "Q8_0", {}), ("llama3", "Q4_K", {"attention_bias": True}),
-          ("smollm2", "mixed", {}), ("qwen2", "F16", {}), ("qwen2_tied", "Q8_0", {}), ("qwen2", "Q6_K", {}),
+          ("smollm2", "mixed", {}), ("llama2", "Q5_K", {}), ("qwen2", "F16", {}), ("qwen2_tied", "Q8_0", {}), ("qwen2", "Q6_K", {}),
           ("qwen2_tied", "mixed", {})]
 
 
@@ -309,7 +361,7 @@ def test_tiny_gguf_logits_match_the_dequantised_weights_in_transformers(tmp_path
         assert source["quantization"] == qtype and set(source["tensor_types"]) == {qtype, "F32"}
 
 
-@pytest.mark.parametrize("family", ["smollm2", "qwen2"])
+@pytest.mark.parametrize("family", ["smollm2", "qwen2", "llama2"])
 def test_tiny_f16_gguf_matches_transformers_own_gguf_loading(tmp_path, family):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -319,7 +371,9 @@ def test_tiny_f16_gguf_matches_transformers_own_gguf_loading(tmp_path, family):
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     their_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     _, _, tokenizer = gguf.read_gguf(str(path))
-    for text in TEXTS:
+    # On a sentencepiece vocabulary transformers drops the dummy prefix of a text that starts with a space (see the
+    # sentencepiece test below); everywhere else the two tokenizers agree.
+    for text in [text for text in TEXTS if family != "llama2" or not text[0].isspace()]:
         assert tokenizer(text, add_special_tokens=False).input_ids == \
             their_tokenizer(text, add_special_tokens=False).input_ids, text
     ids = _prompt_ids(tokenizer)
@@ -341,6 +395,33 @@ def test_llama3_gguf_tokenizer_splits_like_transformers_and_prepends_bos(tmp_pat
     assert ours.chat_template == chat_template("llama3")
     ids, mask = encode_chat(ours, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     assert ids.count(0) == 1 and sum(mask) > 0  # one BOS, from the template
+
+
+# Leading, repeated and trailing whitespace, and characters the vocabulary never saw (byte fallback).
+_SPM_EXTRA = ["  hi", " hi", "hi  there", "\n\nhi\t", "a   b    c ", " ", "", "snow ☃ and Ωmega ⛄"]
+
+
+def test_sentencepiece_gguf_tokenizes_like_sentencepiece_and_prepends_bos(tmp_path):
+    """A Llama 2 style GGUF (tokenizer.ggml.model "llama"): token ids equal sentencepiece's own on the model it was
+    written from, leading and repeated whitespace included; text decodes back; BOS comes first, as in llama.cpp."""
+    import sentencepiece
+
+    reference = sentencepiece.SentencePieceProcessor(model_proto=_sentencepiece())
+    path = tmp_path / "tiny-llama2.Q8_0.gguf"
+    _write_gguf(path, "llama2", "Q8_0", num_hidden_layers=1)
+    _, _, ours = gguf.read_gguf(str(path))
+    texts = [text for text in TEXTS if "<" not in text] + _SPM_EXTRA  # sentencepiece knows no special tokens in text
+    for text in texts:
+        expected = reference.encode(text)
+        assert ours(text, add_special_tokens=False).input_ids == expected, repr(text)
+        assert ours(text).input_ids == [1, *expected]
+        assert ours.decode(expected) == reference.decode(expected) == text, repr(text)
+    assert any(reference.is_byte(i) for text in texts for i in reference.encode(text))  # byte fallback exercised
+    # Control tokens stay whole, and the file's template (ours cover no sentencepiece llama) drives chat.
+    assert ours("</s>", add_special_tokens=False).input_ids == [2]
+    assert ours.chat_template == _INST_TEMPLATE
+    prompt = encode_chat_prompt(ours, [{"role": "user", "content": "What is 12 + 30?"}])
+    assert prompt == [1, *reference.encode("[INST] What is 12 + 30? [/INST]")]
 
 
 def test_a_family_our_templates_do_not_cover_uses_the_files_chat_template(tmp_path):

