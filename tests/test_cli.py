@@ -1,5 +1,6 @@
 """The CLI: user mistakes are one clear line and a non-zero exit; `chat` matches transformers' greedy generate."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,26 @@ def test_chat_equals_transformers_greedy_generate(smollm2_export):
     replies = ChatEngine(model, tokenizer).reply([[{"role": "user", "content": p}] for p in PROMPTS],
                                                  SamplingParams(max_new_tokens=24))
     assert [r.text for r in replies] == expected
+
+
+@pytest.mark.parametrize("command, device_files, user_choice, expected", [
+    ("eval", [], None, "cpu"),  # no accelerator: CPU only, libtpu is never probed
+    ("eval", ["/dev/nvidia0"], None, None),  # a GPU host: JAX picks its backend itself
+    ("eval", ["/dev/vfio/0"], None, None),  # a TPU VM
+    ("compile", [], None, None),  # compile needs the TPU plugin on this CPU
+    ("eval", [], "cuda", "cuda"),  # the user's JAX_PLATFORMS wins
+])
+def test_hosts_without_accelerators_run_jax_on_cpu_only(monkeypatch, command, device_files, user_choice, expected):
+    import glob
+
+    from aloe_jax import cli
+
+    monkeypatch.setattr(glob, "glob", lambda pattern: [f for f in device_files if glob.fnmatch.fnmatch(f, pattern)])
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    if user_choice is not None:
+        monkeypatch.setenv("JAX_PLATFORMS", user_choice)
+    updates = []
+    monkeypatch.setattr(sys.modules["jax"].config, "update", lambda *a: updates.append(a))
+    cli._cpu_only_without_accelerators(command)
+    assert os.environ.get("JAX_PLATFORMS") == expected
+    assert updates == ([("jax_platforms", "cpu")] if expected == "cpu" and user_choice is None else [])

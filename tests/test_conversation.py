@@ -223,3 +223,10 @@ def test_message_builders_and_prompt_hash():
     digest = prompt_hash("ab", "c")
     assert len(digest) == 16 and int(digest, 16) >= 0
     assert digest != prompt_hash("a", "bc") and digest == prompt_hash("ab", "c")
+
+
+def test_the_progress_bar_says_which_role_a_turn_is_in_and_how_long_the_earlier_ones_took(tmp_path, capsys):
+    _run(tmp_path / "run", TalkScript(Echo("user"), Echo("assistant")), turns=2).run(NAMES, show_progress=True)
+    shown = capsys.readouterr().err
+    assert "turn 1, 2 conversations: user" in shown
+    assert "turn 2, 1 conversations: assistant (done: user 0s)" in shown

@@ -52,13 +52,18 @@ def seeded(params: GenerationParams, run_seed: int, role: str, turn: int) -> Gen
 
 
 class Stopwatch:
-    """Seconds per role of one turn: `with stopwatch("judge"): ...` adds the block's time to `seconds["judge"]`."""
+    """Seconds per role of one turn: `with stopwatch("judge"): ...` adds the block's time to `seconds["judge"]`.
+    `on_enter(role, seconds_so_far)` is told when a block starts, so a progress bar can say which role a long turn
+    is in (a turn of the 100-case evaluation runs for tens of minutes on a small CPU)."""
 
-    def __init__(self):
+    def __init__(self, on_enter: Callable[[str, dict[str, float]], None] | None = None):
         self.seconds: dict[str, float] = {}
+        self.on_enter = on_enter
 
     @contextlib.contextmanager
     def __call__(self, role: str) -> Iterator[None]:
+        if self.on_enter is not None:
+            self.on_enter(role, self.seconds)
         start = time.perf_counter()
         try:
             yield
@@ -181,8 +186,11 @@ class ConversationRun:
                 if not active:
                     continue
                 turn = self.script.first_turn + index
-                bar.set_postfix_str(f"turn {turn}, {len(active)} conversations")
-                stopwatch = Stopwatch()
+                where = f"turn {turn}, {len(active)} conversations"
+                bar.set_postfix_str(where)
+                stopwatch = Stopwatch(on_enter=lambda role, seconds, where=where: bar.set_postfix_str(
+                    f"{where}: {role}" + (" (done: " + ", ".join(f"{r} {s:.0f}s" for r, s in seconds.items()) + ")"
+                                          if seconds else "")))
                 records = self.script.turn([c for _, c in active], [done[i] for i, _ in active], turn, stopwatch)
                 jsonl_log.append(self.records_path, records)
                 jsonl_log.append(timings_path, [{"turn": turn, "cases": len(active), "seconds": stopwatch.seconds,
