@@ -15,6 +15,7 @@ from aloe_jax.aot import cli as aot_cli
 from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config, take_leftovers
 from aloe_jax.core.config import StrictModel
 from aloe_jax.core.errors import AloeError, ConfigError
+from aloe_jax.core.interrupts import EXIT_INTERRUPTED, quit_on_second_interrupt
 from aloe_jax.eval import cli as eval_cli
 from aloe_jax.rl import cli as rl_cli
 from aloe_jax.train import cli as train_cli
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if argv is None:
         _cpu_only_without_accelerators(args.command)
+        quit_on_second_interrupt(args.command)
     args.dispatch = main  # commands that run other commands (quickstart) call back through it
     try:
         code = args.run(args)  # a command may return a non-zero exit code that is not an error (compile: "does not fit")
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"aloe-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return code or 0
 
 
