@@ -32,7 +32,10 @@ _CHILD = textwrap.dedent("""
 
 def _start(mode):
     child = subprocess.Popen([sys.executable, "-c", _CHILD, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+                             text=True, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+                             # a suite started in the background (`cmd &` without job control) ignores SIGINT, and
+                             # children inherit that: give the child the disposition of a terminal's process
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stdout.readline().strip() == "ready", child.stderr.read()
     time.sleep(0.5)
     return child
