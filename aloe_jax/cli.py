@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from typing import Literal
@@ -14,6 +13,7 @@ from aloe_jax import quickstart
 from aloe_jax.aot import cli as aot_cli
 from aloe_jax.core.cli_args import Alias, add_config_args, load_command_config, printed_config, take_leftovers
 from aloe_jax.core.config import StrictModel
+from aloe_jax.core.distributed import cpu_only_without_accelerators
 from aloe_jax.core.errors import AloeError, ConfigError
 from aloe_jax.core.interrupts import EXIT_INTERRUPTED, quit_on_second_interrupt
 from aloe_jax.eval import cli as eval_cli
@@ -166,24 +166,6 @@ def _enable_compilation_cache() -> None:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir() / "xla")
 
 
-def _cpu_only_without_accelerators(command: str) -> None:
-    """On a host with no TPU, GPU or ROCm device files, run JAX on its CPU backend only: the libtpu we install for
-    `aloe-jax compile` otherwise probes for a TPU at start-up and prints screens of "could not determine TPU
-    accelerator type" warnings into every log. `compile` keeps the TPU plugin (it builds TPU programs on this CPU)
-    and a JAX_PLATFORMS the user set wins."""
-    if command == "compile" or "JAX_PLATFORMS" in os.environ:
-        return
-    if any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICE_FILES):
-        return
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "jax" in sys.modules:  # JAX reads the variable when it is imported; a command module may have imported it
-        sys.modules["jax"].config.update("jax_platforms", "cpu")
-
-
-# TPU VMs (v4/v5p: /dev/accel*, v5e/v6e: VFIO groups), NVIDIA and AMD GPUs.
-_ACCELERATOR_DEVICE_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `aloe-jax` command."""
     parser = argparse.ArgumentParser(prog="aloe-jax", description=__doc__.split(":")[0])
@@ -213,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if argv is None:
-        _cpu_only_without_accelerators(args.command)
+        cpu_only_without_accelerators(args.command)
         quit_on_second_interrupt(args.command)
     args.dispatch = main  # commands that run other commands (quickstart) call back through it
     try:

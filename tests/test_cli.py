@@ -116,7 +116,7 @@ def test_chat_equals_transformers_greedy_generate(smollm2_export):
 def test_hosts_without_accelerators_run_jax_on_cpu_only(monkeypatch, command, device_files, user_choice, expected):
     import glob
 
-    from aloe_jax import cli
+    from aloe_jax.core import distributed
 
     monkeypatch.setattr(glob, "glob", lambda pattern: [f for f in device_files if glob.fnmatch.fnmatch(f, pattern)])
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
@@ -124,6 +124,6 @@ def test_hosts_without_accelerators_run_jax_on_cpu_only(monkeypatch, command, de
         monkeypatch.setenv("JAX_PLATFORMS", user_choice)
     updates = []
     monkeypatch.setattr(sys.modules["jax"].config, "update", lambda *a: updates.append(a))
-    cli._cpu_only_without_accelerators(command)
+    distributed.cpu_only_without_accelerators(command)
     assert os.environ.get("JAX_PLATFORMS") == expected
     assert updates == ([("jax_platforms", "cpu")] if expected == "cpu" and user_choice is None else [])

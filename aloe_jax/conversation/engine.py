@@ -71,6 +71,12 @@ class Stopwatch:
             self.seconds[role] = self.seconds.get(role, 0.0) + time.perf_counter() - start
 
 
+def _in_role(where: str, role: str, done: dict[str, float]) -> str:
+    """The progress bar's postfix while a turn runs `role`: "turn 5, 100 conversations: judge (done: model 420s)"."""
+    finished = ", ".join(f"{r} {seconds:.0f}s" for r, seconds in done.items())
+    return f"{where}: {role}" + (f" (done: {finished})" if finished else "")
+
+
 class Script(Protocol):
     """One kind of conversation run on the engine (tree generation, the evaluation, ...)."""
 
@@ -189,8 +195,7 @@ class ConversationRun:
                 where = f"turn {turn}, {len(active)} conversations"
                 bar.set_postfix_str(where)
                 stopwatch = Stopwatch(on_enter=lambda role, seconds, where=where: bar.set_postfix_str(
-                    f"{where}: {role}" + (" (done: " + ", ".join(f"{r} {s:.0f}s" for r, s in seconds.items()) + ")"
-                                          if seconds else "")))
+                    _in_role(where, role, seconds)))
                 records = self.script.turn([c for _, c in active], [done[i] for i, _ in active], turn, stopwatch)
                 jsonl_log.append(self.records_path, records)
                 jsonl_log.append(timings_path, [{"turn": turn, "cases": len(active), "seconds": stopwatch.seconds,

@@ -5,12 +5,15 @@ Three cases, checked in order:
   join that coordinator explicitly; on CPU the cross-process collectives go through gloo.
 - a Cloud TPU VM (TPU device files present): `jax.distributed.initialize()` discovers the slice's workers itself.
 - otherwise a single process: nothing to do.
+
+`cpu_only_without_accelerators` picks the backend of a host without accelerators before JAX starts one.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from aloe_jax.core.errors import ConfigError
 
@@ -29,9 +32,29 @@ def _int_env(name: str) -> int:
         raise ConfigError(f"environment variable {name}={os.environ[name]!r} must be an integer") from None
 
 
+# TPU VMs expose their chips as /dev/accel* (v4, v5p) or VFIO groups (v5e, v6e); NVIDIA and AMD GPUs their own files.
+TPU_DEVICE_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def _any_file(patterns: tuple[str, ...]) -> bool:
+    return any(glob.glob(pattern) for pattern in patterns)
+
+
 def _on_tpu_vm() -> bool:
-    # TPU VMs expose their chips as /dev/accel* (v4, v5p) or VFIO groups (v5e, v6e).
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    return _any_file(TPU_DEVICE_FILES)
+
+
+def cpu_only_without_accelerators(command: str) -> None:
+    """On a host with no TPU or GPU device files, run JAX on its CPU backend only: the libtpu we install for
+    `aloe-jax compile` otherwise probes for a TPU at start-up and prints screens of "could not determine TPU
+    accelerator type" warnings into every log. `compile` keeps the TPU plugin (it builds TPU programs on this CPU)
+    and a JAX_PLATFORMS the user set wins."""
+    if command == "compile" or "JAX_PLATFORMS" in os.environ or _any_file(TPU_DEVICE_FILES + GPU_DEVICE_FILES):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # JAX reads the variable when it is imported; a command module may have imported it
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def maybe_initialize() -> bool:

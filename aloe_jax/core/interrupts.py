@@ -28,7 +28,8 @@ def quit_on_second_interrupt(command: str) -> bool:
     previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     if previous != -1:
         signal.set_wakeup_fd(previous)  # owned by someone else: put nothing of ours in its way
-        os.close(read_end), os.close(write_end)
+        os.close(read_end)
+        os.close(write_end)
         return False
 
     def watch() -> None:
