@@ -227,7 +227,7 @@ class TreeScript:
                                for r in TREE_ROLES},
                 "seed": self.cfg.seed, "conversation_seed": conv.seed, "prompt_hash": prompts.prompt_hash(),
                 **({"judge_swap_fraction": self.tc.judge_swap_fraction} if self._swap_on() else {}),
-                "user_repeat_guard": self._guard_card(),
+                "user_repeat_guard": self.guard.card(),
                 "judge_order": self.tc.judge_order, "continue_with": self.tc.continue_with}
 
     def run(self, plan: list[PlannedConversation], show_progress: bool = True) -> dict:
@@ -235,7 +235,7 @@ class TreeScript:
         fingerprint = {"seed": self.cfg.seed, "turns": self.tc.turns, "prompt_hash": prompts.prompt_hash(),
                        # Only when on, so state folders written before the key existed stay valid with it off.
                        **({"judge_swap_fraction": self.tc.judge_swap_fraction} if self._swap_on() else {}),
-                       "user_repeat_guard": self._guard_card(),
+                       "user_repeat_guard": self.guard.card(),
                        "plan": hashlib.sha256(json.dumps([(c.id, c.profile, c.personality) for c in plan]).encode())
                        .hexdigest()}
         # A state folder belongs to one plan and protocol: resuming it with another config would mix two datasets.
@@ -251,10 +251,6 @@ class TreeScript:
                     self.tc.judge_flag_first_shown).to_json(),
                 "committed_turns_at_start": stats.turns_at_start, "turns_generated": stats.turns_done,
                 "user_repeat_guard": self._guard_summary(plan, done)}
-
-    def _guard_card(self) -> dict:
-        return {"max_resamples": self.tc.max_resamples, "repeat_threshold": self.tc.repeat_threshold,
-                "resample_temperature": self.tc.resample_temperature}
 
     def _guard_summary(self, plan: list[PlannedConversation], done: Histories) -> dict:
         """Per turn, over every committed turn of the plan: the simulator's resamples and the messages that still

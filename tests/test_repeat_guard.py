@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from aloe_jax.conversation.repeat_guard import RepeatGuard, normalise
+from aloe_jax.conversation.repeat_guard import RESAMPLE_NUDGE, RepeatGuard, normalise
 from aloe_jax.core.errors import ConfigError
 from aloe_jax.eval import prompts, report
 from aloe_jax.eval.cases import load_cases
@@ -33,10 +33,13 @@ class RepeatingSimulator:
 
     def __init__(self, copies: int | None, steady: str | None = None):
         self.copies, self.steady, self.calls, self.tries, self.temperatures = copies, steady, [], {}, []
+        self.top_ps, self.nudged = [], []
 
     def chat(self, conversations, params):
         self.calls.append((params.seed, len(conversations)))
         self.temperatures.append(params.temperature)
+        self.top_ps.append(params.top_p)
+        self.nudged.append([c[-1]["content"].endswith(RESAMPLE_NUDGE) for c in conversations])
         out = []
         for chat in conversations:
             persona, turn = chat[0]["content"], sum(m["role"] == "assistant" for m in chat)
@@ -89,6 +92,9 @@ def test_eval_resamples_only_the_repeating_rows_with_new_seeds_and_reports_the_c
     seeds = [s for s, _ in simulator.calls]
     assert len(set(seeds[1:4])) == 3 and len(set(seeds[4:7])) == 3  # each resample of a turn has its own seed
     assert simulator.temperatures == [0.7, 0.7, 1.0, 1.0, 0.7, 1.0, 1.0]  # resamples draw hotter
+    assert simulator.top_ps == [0.9, 0.9, 1.0, 1.0, 0.9, 1.0, 1.0]  # and from the whole distribution
+    # Resamples, and only they, end with the note asking for something new.
+    assert simulator.nudged == [[False] * 2, [False] * 2, [True], [True], [False] * 2, [True], [True]]
     by_key = {(r["case_id"], r["turn"]): r for r in records}
     first = by_key[cases[0].case_id, 1]["user"]
     for turn in (2, 3):
@@ -143,6 +149,26 @@ def test_similarity_repeat_is_caught_with_an_embedder_and_resampled():
                      GenerationParams(temperature=0.7, seed=11), [["I really love birds."]])
     assert out.resamples == [2] and out.repeated == [False] and out.results[0].text == "My garden is a mess."
     assert len(set(backend.seeds)) == 3 and backend.seeds[0] == 11
+
+
+def test_the_least_similar_candidate_is_kept_when_every_resample_repeats():
+    class Drifting:  # an exact copy, a paraphrase on the same topic, an exact copy again
+        name, texts, chats = "scripted:drift", ["I love birds.", "Birds are what I love most", "i love BIRDS."], []
+
+        def chat(self, conversations, params):
+            self.chats.append(conversations[0])
+            return [ChatResult(self.texts[len(self.chats) - 1], "stop", 1, 1)]
+
+    backend = Drifting()
+    guard = RepeatGuard(max_resamples=2, threshold=0.9, embed=_topic_embedder, nudge=True)
+    chat = [{"role": "system", "content": "persona"}, {"role": "user", "content": "How can I help?"}]
+    out = guard.chat(Role("user", backend), [chat], GenerationParams(temperature=0.7, seed=3), [["I love birds."]])
+    # The paraphrase still repeats (cosine 1 > 0.9) but is further from the earlier message than an exact copy.
+    assert out.resamples == [2] and out.repeated == [True] and out.results[0].text == "Birds are what I love most"
+    assert backend.chats[0] == chat and backend.chats[1][0] == chat[0]  # the caller's chat is left as it was
+    assert backend.chats[1][-1]["content"] == "How can I help?" + RESAMPLE_NUDGE
+    off = RepeatGuard(max_resamples=2, threshold=0.9, embed=_topic_embedder, nudge=False)
+    assert off.card()["nudge"] is None and guard.card()["nudge"] not in (None, off.card()["nudge"])
 
 
 def test_trees_use_the_same_guard_and_count_it_in_the_run_summary(tmp_path):

@@ -180,8 +180,7 @@ def rollout_card(cfg: RLConfig, iteration: int, script: RolloutScript) -> dict:
         "system_prompt": rollout.system_prompt, "reward": script.rewards.card(),
         "simulator": script.simulator.backend.name,
         "simulator_generation": cfg.simulator.generation.model_dump(mode="json"),
-        "simulator_repeat_guard": {"max_resamples": script.guard.max_resamples, "threshold": script.guard.threshold,
-                                   "resample_temperature": script.guard.resample_temperature},
+        "simulator_repeat_guard": script.guard.card(),
         "judge": script.rewards.judge.options_judge.role.backend.name, "prompt_hash": prompts.prompt_hash(),
     }
 
