@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -458,8 +459,11 @@ def test_logprobs_equal_a_plain_forward_pass(server, tiny_chat_engine, temperatu
     streamed = list(_client(server).chat.completions.create(
         model=MODEL, messages=messages, max_tokens=6, temperature=temperature, seed=3, logprobs=True, top_logprobs=5,
         stream=True))
-    assert [e.logprob for c in streamed if c.choices and c.choices[0].logprobs
-            for e in c.choices[0].logprobs.content] == [e.logprob for e in content]
+    chunks = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    # Same tokens, same log-probs within 1e-4: the second request need not run the same computation (it may find the
+    # conversation's prefix in the server's cache or share a batch), and a cached prefix equals a re-prefill to 1e-4.
+    assert [e.token for e in chunks] == [e.token for e in content]
+    assert np.allclose([e.logprob for e in chunks], [e.logprob for e in content], atol=1e-4, rtol=0)
 
 
 def test_logprobs_are_off_unless_asked_and_validated(server):
