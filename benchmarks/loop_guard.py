@@ -76,9 +76,8 @@ def main() -> None:
         simulator = Role("simulator", JaxBackend("smollm2-135m"), CallCache(os.path.join(tmp, "calls.sqlite")))
         results = {}
         for name in args.policies:
-            settings = {**cfg.simulator.model_dump(), **POLICIES[name]}
-            guard = RepeatGuard(settings["max_resamples"], settings["repeat_threshold"], embed,
-                                settings["resample_temperature"], settings["resample_top_p"], settings["nudge"])
+            guard = RepeatGuard.from_config(
+                cfg.simulator.model_validate({**cfg.simulator.model_dump(), **POLICIES[name]}), embed)
             start = time.perf_counter()
             guarded = guard.chat(simulator, chats, params, earlier)
             seconds = time.perf_counter() - start
