@@ -152,4 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from aloe_jax.core.distributed import cpu_only_without_accelerators
+
+    cpu_only_without_accelerators("benchmark")  # as `aloe-jax` does: no libtpu probe warnings on a CPU host
     main()
