@@ -270,6 +270,50 @@ def test_capacity_and_row_growth_keep_what_rows_hold(tiny, stop_of):
     assert pool.capacity > 192
 
 
+def test_a_call_on_few_rows_decodes_only_them_over_their_own_window(tiny, stop_of, monkeypatch):
+    """A call on 2 rows of an 8-row pool whose other rows hold long conversations (the repeat guard's resamples)
+    decodes those 2 rows only, over a window their own lengths set; a 3-row call runs 4 rows (padded with another
+    row, which it must leave intact); afterwards every row still decodes what the sampler decodes."""
+    from aloe_jax.sampling import sessions
+
+    model, stop = tiny("llama3"), stop_of("llama3")
+    sampler = Sampler(model, pad_id=0, stop_ids=[stop])
+    pool = SessionPool(model, 8, stop_ids=[stop])
+    prompts = _first_prompts((150, 140, 130, 150, 145, 135), salt=4) + _first_prompts((5, 9), salt=5)
+    budgets = [6] * 8
+    got = _check_turn(sampler, pool, range(8), prompts, budgets, [0] * 8, "first turn")
+    held = [_held_after(p, g) for p, g in zip(prompts, got)]
+    decoded = []
+    real = sessions._decode_program
+
+    def spy(graphdef, mode, steps, window, all_rows):
+        program = real(graphdef, mode, steps, window, all_rows)
+
+        def run(state, cache, *rest):
+            decoded.append((window, 8 if all_rows else len(rest[0])))
+            return program(state, cache, *rest)
+        return run
+
+    monkeypatch.setattr(sessions, "_decode_program", spy)
+    step = {r: held[r] + _chunk(r % 4, 1) for r in (6, 7)}
+    got = _check_turn(sampler, pool, [6, 7], [step[6], step[7]], [6, 6], [len(held[6]), len(held[7])], "two rows")
+    assert decoded[-1][1] == 2, decoded
+    assert decoded[-1][0] < min(len(held[r]) for r in range(6)), decoded
+    held[6], held[7] = (_held_after(step[r], g) for r, g in zip((6, 7), got))
+
+    step = {r: held[r] + _chunk(r % 4, 2) for r in (0, 6, 7)}
+    got = _check_turn(sampler, pool, [0, 6, 7], list(step.values()), [6, 6, 6],
+                      [len(held[r]) for r in step], "three rows")
+    assert decoded[-1][1] == 4, decoded
+    for r, g in zip(step, got):
+        held[r] = _held_after(step[r], g)
+    assert [pool.tokens(r) for r in range(8)] == held
+
+    last = [h + _chunk(r % 4, 3, most=4) for r, h in enumerate(held)]
+    _check_turn(sampler, pool, range(8), last, budgets, [len(h) for h in held], "every row after the small calls")
+    assert decoded[-1][1] == 8
+
+
 def test_session_cache_forks_branches_in_one_call(tiny, stop_of):
     """Two branches of one conversation in one call: one takes the row holding the conversation, the other a copy of
     it in a row nobody else reuses; both equal the sampler and reuse everything held."""

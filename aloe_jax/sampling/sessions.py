@@ -429,38 +429,55 @@ class SessionPool:
         budgets = row_budgets(len(prompts), params, max_new_tokens)
         choices = list(range(len(prompts))) if choices is None else list(choices)
         mode = _Mode.of(params, self.model.cfg.vocab_size)
-        cached, first = self.prefill(rows, prompts, [params] * len(rows), choices, budgets)
-        # The decode loop runs over every row of the pool; rows not in this call are finished from the start.
-        index = np.asarray(rows)
-        token, slot, budget = (np.zeros(self.rows, np.int32) for _ in range(3))
-        live = np.zeros(self.rows, bool)
+        # A call on a few of the pool's rows (the repeat guard's resamples, a tree branch) runs its prefill and
+        # decode on those rows only, padded to a power of two with the pool's shortest other rows (few compiled
+        # shapes): decoding every row of the pool would cost a whole-pool decode over its longest row each time.
+        decoded = self._rows_to_run(rows)
+        cached, first = self.prefill(rows, prompts, [params] * len(rows), choices, budgets,
+                                     pad_rows=decoded is not None)
+        order = list(range(self.rows)) if decoded is None else decoded
+        at = np.asarray([order.index(r) for r in rows])  # each prompt's position in the decoded rows
+        # Rows decoded but not in this call are finished from the start.
+        token, slot, budget = (np.zeros(len(order), np.int32) for _ in range(3))
+        live = np.zeros(len(order), bool)
         first_token = np.asarray(first.token)
-        token[index] = first_token
-        slot[:] = [len(t) for t in self._tokens]
-        budget[index] = np.maximum(np.asarray(budgets) - 1, 0)
+        token[at] = first_token
+        slot[:] = [len(self._tokens[r]) for r in order]
+        budget[at] = np.maximum(np.asarray(budgets) - 1, 0)
         is_stop = np.isin(first_token, self.stop_ids)
-        live[index] = (np.asarray(budgets) > 0) & ~is_stop & (np.asarray(budgets) > 1)
-        sampling = self._row_sampling([params] * self.rows, np.zeros(self.rows, np.int32))
-        sampling = sampling._replace(choice=np.asarray(
-            [choices[list(rows).index(r)] if r in rows else 0 for r in range(self.rows)], np.int32))
-        state = DecodeState(token, slot, np.zeros(self.rows, np.int32), budget, live)
+        live[at] = (np.asarray(budgets) > 0) & ~is_stop & (np.asarray(budgets) > 1)
+        choice = np.zeros(len(order), np.int32)
+        choice[at] = choices
+        sampling = self._row_sampling([params] * len(order), choice)
+        state = DecodeState(token, slot, np.zeros(len(order), np.int32), budget, live)
         steps = bucket(max(max(budgets) - 1, 1), 16)
-        _, out = self.decode(state, sampling, mode, steps)
+        _, out = self.decode(state, sampling, mode, steps, rows=decoded)
         out_tokens, counts, stopped = jax.device_get((out.tokens, out.count, out.stopped))
         out_lp = None if out.logprobs is None else jax.device_get(out.logprobs)
         first_lp = None if first.logprobs is None else jax.device_get(first.logprobs)
         results = []
         for i, (row, prompt, budget_i) in enumerate(zip(rows, prompts, budgets)):
-            n = int(counts[row])
-            generated = ([int(first_token[i])] if budget_i > 0 else []) + out_tokens[row, :n].tolist()
-            ended = bool(is_stop[i]) if n == 0 else bool(stopped[row])
+            j = int(at[i])
+            n = int(counts[j])
+            generated = ([int(first_token[i])] if budget_i > 0 else []) + out_tokens[j, :n].tolist()
+            ended = bool(is_stop[i]) if n == 0 else bool(stopped[j])
             self.note_decoded(row, generated[:-1])
             logprobs = None
             if first_lp is not None:
-                logprobs = _TokenLogprobs(*(np.concatenate([f[i:i + 1], o[row, :n]]) if budget_i > 0 else o[row, :0]
+                logprobs = _TokenLogprobs(*(np.concatenate([f[i:i + 1], o[j, :n]]) if budget_i > 0 else o[j, :0]
                                             for f, o in zip(first_lp, out_lp)))
             results.append(self._result(generated, ended and budget_i > 0, len(prompt), cached[i], logprobs))
         return results
+
+    def _rows_to_run(self, rows: Sequence[int]) -> list[int] | None:
+        """The rows a call on `rows` decodes: `rows`, then the shortest other rows up to a power of two (at least two
+        rows, see prefill); None (every row, no gather) when that would be the whole pool."""
+        target = max(1 << (len(rows) - 1).bit_length(), 2)
+        if target >= self.rows:
+            return None
+        taken = set(rows)
+        others = sorted((r for r in range(self.rows) if r not in taken), key=lambda r: len(self._tokens[r]))
+        return list(rows) + others[:target - len(rows)]
 
     @staticmethod
     def _result(generated: list[int], stopped: bool, prompt_tokens: int, cached: int,
